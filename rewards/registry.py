@@ -1,0 +1,82 @@
+"""Name -> reward function.
+
+A reward is ``fn(completions, samples) -> list[float | None]``: one score per completion, ``None`` where
+the reward does not apply to that sample (e.g. a math reward on a code row). Configs refer to rewards by a
+registered name, by ``package.module:function``, or by an entry point in the group ``rlreason.rewards``, so a
+user's reward never needs a change to this package.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+RewardFn = Callable[[list[str], list[dict[str, Any]]], list[float | None]]
+
+ENTRY_POINT_GROUP = "rlreason.rewards"
+_REWARDS: dict[str, RewardFn] = {}
+_builtins_loaded = False
+
+
+def reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Register ``fn`` under ``name``; re-registering the same name with another function is an error."""
+
+    def register(fn: RewardFn) -> RewardFn:
+        existing = _REWARDS.get(name)
+        if existing is not None and existing.__qualname__ != fn.__qualname__:
+            raise ValueError(f"reward {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+        _REWARDS[name] = fn
+        return fn
+
+    return register
+
+
+def _load_builtins() -> None:
+    """Import every module of this package once, so their @reward decorators run."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    import rewards
+
+    for info in pkgutil.iter_modules(rewards.__path__):
+        if info.name != "registry":
+            importlib.import_module(f"rewards.{info.name}")
+    _builtins_loaded = True
+
+
+def _from_import_path(spec: str) -> RewardFn:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise KeyError(f"reward {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise KeyError(f"reward {spec!r}: module {module_name!r} has no function {attr!r}")
+    return fn
+
+
+def reward_names() -> list[str]:
+    """Every name a config may use: built-in, imported, and published through entry points."""
+    _load_builtins()
+    names = set(_REWARDS) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return sorted(names)
+
+
+def get_reward(name: str) -> RewardFn:
+    """Look a reward up by registered name, ``module:function`` path, or entry point name."""
+    if ":" in name:
+        return _from_import_path(name)
+    _load_builtins()
+    if name in _REWARDS:
+        return _REWARDS[name]
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()
+    close = difflib.get_close_matches(name, reward_names(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise KeyError(f"unknown reward {name!r}{hint} (known: {', '.join(reward_names())})")

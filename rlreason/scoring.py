@@ -1,0 +1,71 @@
+"""Score completions with the configured rewards: one column per reward, a weighted total per completion.
+
+A reward that raises scores 0 for the whole call and is counted, so one broken verifier never ends a run.
+``None`` ("does not apply to this sample") is kept as NaN in its column and contributes nothing to the total.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rewards.registry import RewardFn, get_reward
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WeightedReward:
+    name: str
+    weight: float
+    fn: RewardFn
+
+
+@dataclass
+class Scores:
+    names: list[str]
+    columns: np.ndarray
+    """[N, R] float64, NaN where a reward returned None."""
+    total: np.ndarray
+    """[N] weighted sum over the rewards that apply."""
+    failures: dict[str, int] = field(default_factory=dict)
+    """Completions per reward that scored 0 because the reward raised or returned something invalid."""
+
+    def means(self) -> dict[str, float]:
+        """Mean of each reward over the samples it applies to (NaN-free: a reward that never applied is omitted)."""
+        return {n: float(np.nanmean(c)) for n, c in zip(self.names, self.columns.T, strict=True) if not np.isnan(c).all()}
+
+
+def resolve_rewards(specs: list[Any]) -> list[WeightedReward]:
+    """Config reward entries (``name``, ``weight``) to callables."""
+    return [WeightedReward(spec.name, spec.weight, get_reward(spec.name)) for spec in specs]
+
+
+def _call(reward: WeightedReward, completions: list[str], samples: list[dict[str, Any]]) -> tuple[np.ndarray, int]:
+    try:
+        values = reward.fn(completions, samples)
+        if len(values) != len(completions):
+            raise ValueError(f"returned {len(values)} scores for {len(completions)} completions")
+        column = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    except Exception as exc:  # a broken verifier must not end the run: it scores 0, and we say so
+        log.warning("reward %r failed on a batch of %d: %s", reward.name, len(completions), exc)
+        return np.zeros(len(completions)), len(completions)
+    bad = ~np.isfinite(column) & ~np.isnan(column)
+    column[bad] = 0.0
+    return column, int(bad.sum())
+
+
+def score(completions: list[str], samples: list[dict[str, Any]], rewards: list[WeightedReward]) -> Scores:
+    columns, failures = [], {}
+    for reward in rewards:
+        column, failed = _call(reward, completions, samples)
+        columns.append(column)
+        if failed:
+            failures[reward.name] = failed
+    matrix = np.stack(columns, axis=1) if columns else np.zeros((len(completions), 0))
+    weights = np.array([r.weight for r in rewards])
+    total = np.nansum(matrix * weights, axis=1)
+    return Scores([r.name for r in rewards], matrix, total, failures)

@@ -1,0 +1,80 @@
+"""Procedural arithmetic: unlimited problems, exact answers, worked column-by-column solutions."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from datasets import Dataset
+
+from tasks.prompts import chat
+from tasks.registry import task
+
+EVAL_FRACTION = 0.1
+
+
+def problem_split(a: int, op: str, b: int) -> str:
+    """A fixed, seed-independent split for each problem, so train and eval never share one."""
+    digest = hashlib.sha256(f"{a}{op}{b}".encode()).digest()
+    return "eval" if digest[0] < 256 * EVAL_FRACTION else "train"
+
+
+def addition_trace(a: int, b: int) -> str:
+    """Column addition, right to left, carries written out: the reasoning the cold start teaches."""
+    digits_a, digits_b = str(a)[::-1], str(b)[::-1]
+    steps, carry, result = [], 0, []
+    for i in range(max(len(digits_a), len(digits_b))):
+        da = int(digits_a[i]) if i < len(digits_a) else 0
+        db = int(digits_b[i]) if i < len(digits_b) else 0
+        total = da + db + carry
+        step = f"{da}+{db}" + (f"+{carry}" if carry else "") + f"={total}"
+        carry, digit = divmod(total, 10)
+        result.append(str(digit))
+        steps.append(step + (f", write {digit} carry {carry}" if carry else ""))
+    if carry:
+        result.append(str(carry))
+    return "; ".join(steps) + f". So {a}+{b}={''.join(reversed(result))}."
+
+
+def solve(a: int, op: str, b: int) -> tuple[int, str]:
+    """The exact answer and a worked trace for one problem."""
+    if op == "+":
+        return a + b, addition_trace(a, b)
+    if op == "-":
+        return a - b, f"{a}-{b}={a - b}."
+    if op == "*":
+        return a * b, f"{a}*{b}={a * b}."
+    raise ValueError(f"unsupported operator {op!r}; use '+', '-' or '*'")
+
+
+@task("arithmetic")
+def arithmetic(split: str, size: int, seed: int = 0, digits: int = 2, ops: str = "+") -> Dataset:
+    """``size`` problems ``a op b`` with ``digits``-digit operands from ``split``.
+
+    Difficulty knobs: ``digits`` (operand length) and ``ops`` (any of ``+-*``).
+    """
+    if digits < 1:
+        raise ValueError(f"digits must be >= 1, got {digits}")
+    low, high = 10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1
+    rng = random.Random(f"arithmetic-{split}-{seed}-{digits}-{ops}")
+    space = (high - low + 1) ** 2 * len(set(ops))
+    rows, drawn = [], set()
+    while len(rows) < size:
+        if len(drawn) == space:
+            raise ValueError(f"the {split} split has fewer than {size} distinct {digits}-digit {ops!r} problems")
+        a, b, op = rng.randint(low, high), rng.randint(low, high), rng.choice(ops)
+        if (a, op, b) in drawn:
+            continue
+        drawn.add((a, op, b))
+        if problem_split(a, op, b) != split:
+            continue
+        answer, trace = solve(a, op, b)
+        rows.append(
+            {
+                "prompt": chat(f"What is {a} {op} {b}?"),
+                "answer": str(answer),
+                "solution": f"<think>\n{trace}\n</think>\n<answer>{answer}</answer>",
+                "task": "arithmetic",
+            }
+        )
+    return Dataset.from_list(rows)
