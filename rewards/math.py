@@ -1,53 +1,110 @@
-"""Math answer correctness: the final answer, taken from outside the think block, equals the sample's answer."""
+r"""Math answer correctness: the completion's final answer is equivalent to ``sample["answer"]``.
+
+Applies to rows with an ``answer`` (a string: "68", "\frac{1}{2}", "[1, 2)", ...) that are not reasoning-gym
+rows (rewards.logic scores those); returns None elsewhere.
+
+Decision path, cheapest first:
+1. The final answer under the rewards.extract policy (outside <think>, one answer block, one distinct box,
+   ASCII digits). None, longer than MAX_ANSWER_CHARS, or hedged ("3 or 4" when the gold has no "or"): 0.
+2. Plain integers, decimals and fractions on both sides compare exactly in-process, so the arithmetic task
+   never pays for a process round-trip.
+3. Anything else goes to math-verify (sympy) in a sandboxed worker: LaTeX, percentages (``10\%`` equals 10
+   and 0.1), sets and intervals, symbolic equality. math-verify's own timeouts rely on SIGALRM and have let
+   towers of powers and nested logs hang or exhaust memory, so the worker is killed at a hard deadline.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any
 
+from rewards.extract import final_answer, is_hedged
+from rewards.logic import is_reasoning_gym_row
 from rewards.registry import reward
+from rewards.sandbox import Job, Limits, SandboxPool, shared_pool
 
-_THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+MAX_ANSWER_CHARS = 1000
+LIMITS = Limits(timeout_s=5.0, memory_mb=1024, processes=4, output_bytes=1 << 16)
+PARSE_TIMEOUT_S = 2  # math-verify's own (soft) timeouts, inside the hard deadline of LIMITS
+VERIFY_TIMEOUT_S = 2
+_PLAIN_NUMBER = re.compile(r"[+-]?[0-9]{1,100}(?:\.[0-9]{1,100})?(?:/[0-9]{1,100})?", re.ASCII)
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer outside ``<think>``: the last ``<answer>`` block, else the last number; None if neither.
-
-    An answer written only inside the think block does not count: the policy would learn to hedge there.
-    The last-number fallback lets an untrained model that answers in prose be measured fairly.
-    """
-    visible = _THINK_BLOCK.sub("", text)
-    answers = _ANSWER_TAG.findall(visible)
-    if answers:
-        return answers[-1].strip()
-    numbers = _NUMBER.findall(visible.replace(",", ""))
-    return numbers[-1] if numbers else None
+    """The completion's final answer as a string (also what majority voting in eval compares)."""
+    return final_answer(text)
 
 
 def parse_number(text: str) -> Fraction | None:
-    """The single number in ``text`` (commas and spaces ignored), or None when it holds zero or several."""
-    numbers = _NUMBER.findall(text.replace(",", "").replace(" ", ""))
-    if len(numbers) != 1:
+    """``text`` as an exact number when it is a plain integer, decimal or fraction, else None."""
+    text = text.strip().strip("$").strip()
+    if not _PLAIN_NUMBER.fullmatch(text):
         return None
     try:
-        return Fraction(numbers[0])
-    except (ValueError, ZeroDivisionError):
+        return Fraction(text)
+    except ZeroDivisionError:
         return None
+
+
+def _as_latex(gold: str) -> str:
+    return gold if "$" in gold or "\\boxed" in gold else f"\\boxed{{{gold}}}"
+
+
+def verify_job(gold: str, answer: str) -> Iterator[bool]:
+    """Sandbox job: is ``answer`` equivalent to ``gold`` according to math-verify?"""
+    from math_verify import parse, verify
+
+    expected = parse(_as_latex(gold), parsing_timeout=PARSE_TIMEOUT_S)
+    wrapped = answer if "$" in answer else f"${answer}$"
+    predicted = parse(wrapped, parsing_timeout=PARSE_TIMEOUT_S) or parse(answer, parsing_timeout=PARSE_TIMEOUT_S)
+    yield bool(expected and predicted and verify(expected, predicted, timeout_seconds=VERIFY_TIMEOUT_S))
+
+
+def warm_up() -> None:
+    """Run math-verify once in the zygote: its first call builds the LaTeX parser (~0.1 s every job otherwise)."""
+    for gold, answer in (("0.5", "\\frac{1}{2}"), ("[1,2)", "x^2+1")):
+        list(verify_job(gold, answer))
+
+
+def _quick_score(answer: str | None, gold: str) -> float | Job:
+    """A score decided without math-verify, or the sandbox job that decides it."""
+    if answer is None or len(answer) > MAX_ANSWER_CHARS or (is_hedged(answer) and not is_hedged(gold)):
+        return 0.0
+    predicted, expected = parse_number(answer), parse_number(gold)
+    if predicted is not None and expected is not None:
+        return float(predicted == expected)
+    return Job("rewards.math:verify_job", {"gold": gold, "answer": answer}, LIMITS)
+
+
+def math_pool() -> SandboxPool:
+    return shared_pool("math", preload=("rewards.math:warm_up",))
+
+
+def score_answers(answers: list[str | None], golds: list[str], pool: SandboxPool | None = None) -> list[float]:
+    """1.0 where the answer is equivalent to its gold, else 0.0; sandbox jobs for all rows run in parallel."""
+    decisions = [_quick_score(a, g) for a, g in zip(answers, golds, strict=True)]
+    jobs = [d for d in decisions if isinstance(d, Job)]
+    outcomes = iter((pool or math_pool()).map(jobs) if jobs else [])
+    scores = []
+    for decision in decisions:
+        if isinstance(decision, Job):
+            decision = float(next(outcomes).results[:1] == [True])
+        scores.append(decision)
+    return scores
+
+
+def _applies(sample: dict[str, Any]) -> bool:
+    return sample.get("answer") is not None and not is_reasoning_gym_row(sample)
 
 
 @reward("math_accuracy")
 def math_accuracy(completions: list[str], samples: list[dict[str, Any]]) -> list[float | None]:
-    """1.0 when the extracted answer is numerically equal to ``sample['answer']``; None for rows without one."""
-    scores: list[float | None] = []
-    for text, sample in zip(completions, samples, strict=True):
-        gold = sample.get("answer")
-        if gold is None:
-            scores.append(None)
-            continue
-        answer = extract_answer(text)
-        predicted = parse_number(answer) if answer is not None else None
-        scores.append(1.0 if predicted is not None and predicted == parse_number(str(gold)) else 0.0)
-    return scores
+    """1.0 when the final answer is equivalent to ``sample['answer']``; None for rows without one."""
+    rows = [i for i, sample in enumerate(samples) if _applies(sample)]
+    scores = score_answers([extract_answer(completions[i]) for i in rows], [str(samples[i]["answer"]) for i in rows])
+    result: list[float | None] = [None] * len(completions)
+    for i, score in zip(rows, scores, strict=True):
+        result[i] = score
+    return result

@@ -48,8 +48,11 @@ def cached_gguf(gguf_path: Path, cache_dir: str | None = None) -> Path:
         return target
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # save_pretrained refuses GGUF-loaded models; a model rebuilt from the config carries no such marker.
-    model = AutoModelForCausalLM.from_config(quantized.config)
+    # save_pretrained refuses GGUF-loaded models: rebuild from the config, without its quantization marker.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantized.state_dict())
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
@@ -65,7 +68,7 @@ def resolve(name: str, cache_dir: str | None = None) -> str:
         return str(cached_gguf(default_gguf_path(), cache_dir))
     if name.endswith(".gguf"):
         return str(cached_gguf(Path(name), cache_dir))
-    looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
+    looks_local = name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") > 1
     if looks_local and not Path(name).expanduser().is_dir():
         raise FileNotFoundError(f"model directory {name} does not exist")
     return str(Path(name).expanduser()) if looks_local else name

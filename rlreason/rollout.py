@@ -86,7 +86,7 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
-        ids, mask = left_pad(prompt_ids, self.tokenizer.pad_token_id)
+        ids, mask = left_pad([p for p in prompt_ids for _ in range(n)], self.tokenizer.pad_token_id)
         device = self.model.device
         gen_config = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
@@ -94,7 +94,6 @@ class HFEngine:
             temperature=sampling.temperature if not sampling.greedy else None,
             top_p=sampling.top_p if not sampling.greedy else None,
             top_k=(sampling.top_k or None) if not sampling.greedy else None,
-            num_return_sequences=n,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_ids,
         )
@@ -108,8 +107,8 @@ class HFEngine:
         cmask, truncated = completion_mask(completion_ids, self.eos_ids)
         texts = self.tokenizer.batch_decode(completion_ids * cmask + (1 - cmask) * self.tokenizer.pad_token_id, skip_special_tokens=True)
         return Rollout(
-            prompt_ids=ids.repeat_interleave(n, dim=0),
-            prompt_mask=mask.repeat_interleave(n, dim=0),
+            prompt_ids=ids,
+            prompt_mask=mask,
             completion_ids=completion_ids,
             completion_mask=cmask,
             texts=texts,

@@ -1,22 +1,17 @@
-"""Procedural arithmetic: unlimited problems, exact answers, worked column-by-column solutions."""
+"""Procedural math: unlimited problems with exact answers; worked solutions where the generator has them."""
 
 from __future__ import annotations
 
-import hashlib
 import random
+from typing import Any
 
 from datasets import Dataset
 
-from tasks.prompts import chat
+from tasks.gsm8k import parse_gsm8k_answer
+from tasks.gym import gym_entries
+from tasks.prompts import chat, worked_solution
 from tasks.registry import task
-
-EVAL_FRACTION = 0.1
-
-
-def problem_split(a: int, op: str, b: int) -> str:
-    """A fixed, seed-independent split for each problem, so train and eval never share one."""
-    digest = hashlib.sha256(f"{a}{op}{b}".encode()).digest()
-    return "eval" if digest[0] < 256 * EVAL_FRACTION else "train"
+from tasks.sources import split_of
 
 
 def addition_trace(a: int, b: int) -> str:
@@ -47,7 +42,7 @@ def solve(a: int, op: str, b: int) -> tuple[int, str]:
     raise ValueError(f"unsupported operator {op!r}; use '+', '-' or '*'")
 
 
-@task("arithmetic")
+@task("arithmetic", rewards=("math_accuracy",))
 def arithmetic(split: str, size: int, seed: int = 0, digits: int = 2, ops: str = "+") -> Dataset:
     """``size`` problems ``a op b`` with ``digits``-digit operands from ``split``.
 
@@ -61,20 +56,48 @@ def arithmetic(split: str, size: int, seed: int = 0, digits: int = 2, ops: str =
     rows, drawn = [], set()
     while len(rows) < size:
         if len(drawn) == space:
-            raise ValueError(f"the {split} split has fewer than {size} distinct {digits}-digit {ops!r} problems")
+            raise ValueError(
+                f"the {split} split has fewer than {size} distinct {digits}-digit {ops!r} problems"
+            )
         a, b, op = rng.randint(low, high), rng.randint(low, high), rng.choice(ops)
         if (a, op, b) in drawn:
             continue
         drawn.add((a, op, b))
-        if problem_split(a, op, b) != split:
+        if split_of(f"{a}{op}{b}") != split:
             continue
         answer, trace = solve(a, op, b)
         rows.append(
             {
                 "prompt": chat(f"What is {a} {op} {b}?"),
                 "answer": str(answer),
-                "solution": f"<think>\n{trace}\n</think>\n<answer>{answer}</answer>",
+                "solution": worked_solution(trace, str(answer)),
                 "task": "arithmetic",
             }
         )
     return Dataset.from_list(rows)
+
+
+@task("gsm_symbolic", rewards=("math_accuracy",))
+def gsm_symbolic(split: str, size: int, seed: int = 0, **options: Any) -> Dataset:
+    """GSM8K-style word problems with randomised numbers (reasoning-gym); options set its config (``difficulty``)."""
+    rows = []
+    for entry in gym_entries("gsm_symbolic", split, size, seed, options):
+        reasoning, _ = parse_gsm8k_answer(entry["metadata"]["answer_cot"])
+        rows.append(
+            {
+                "prompt": chat(entry["question"]),
+                "answer": entry["answer"],
+                "solution": worked_solution(reasoning, entry["answer"]),
+                "task": "gsm_symbolic",
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+@task("basic_arithmetic", rewards=("math_accuracy",))
+def basic_arithmetic(split: str, size: int, seed: int = 0, **options: Any) -> Dataset:
+    """Multi-term integer expressions (reasoning-gym); options set its config (``min_terms``, ``max_digits``...)."""
+    entries = gym_entries("basic_arithmetic", split, size, seed, options)
+    return Dataset.from_list(
+        [{"prompt": chat(e["question"]), "answer": e["answer"], "task": "basic_arithmetic"} for e in entries]
+    )

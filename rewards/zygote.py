@@ -1,0 +1,397 @@
+"""The isolated process behind a sandbox pool: it confines itself once, then forks one disposable child per job.
+
+``rewards.sandbox`` starts it as a fresh interpreter and talks length-prefixed JSON over its stdin/stdout.
+Why a zygote: a job needs an interpreter untouched by earlier untrusted input, but paying Python start-up
+plus imports (sympy 0.6 s, reasoning-gym 1.6 s) per job is far too slow. Forking a warm process that never
+runs untrusted code itself gives both, at about 10 ms per job.
+
+Isolation ("strong" mode, needs Linux namespaces):
+- the zygote enters new mount, network and IPC namespaces (plus a user namespace when not root): no network
+  interface but a loopback that is down; /root and /home hidden behind empty tmpfs (the Python installation is
+  bound back in); the whole filesystem read-only but for a private /tmp (matplotlib, imported by
+  reasoning-gym, insists on a writable cache directory);
+- each job gets a new PID namespace whose init is the job (when it ends or is killed, every process it
+  started dies with it), a fresh size-limited tmpfs at /tmp as working directory and HOME, its own /proc,
+  a scrubbed environment, rlimits (address space, CPU, processes, file size, open files, no core dumps), an
+  unprivileged identity and no_new_privs. Started as root, jobs run as a uid no account uses
+  (JOB_UID_BASE + zygote pid); otherwise as the user, with every capability dropped, so files the user can
+  read outside /root and /home stay readable (never writable).
+Where namespaces are forbidden (e.g. Docker's default seccomp profile) the zygote runs "weak": rlimits, a
+private temporary directory, a non-root uid when started as root, and an audit hook that refuses sockets
+(bypassable through ctypes or a subprocess). The pool only accepts weak mode when asked to (rewards.sandbox).
+
+A job is ``module:function`` returning an iterable; every item it yields is written to the output pipe on a
+line that starts with a per-job secret nonce, so output the job's untrusted code prints cannot pass for a
+result. Items are bool, float, str or None, encoded with C-level functions bound before any untrusted
+code runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import importlib
+import json
+import os
+import resource
+import select
+import signal
+import struct
+import sys
+import tempfile
+import time
+from base64 import b64encode
+from collections.abc import Callable, Iterable
+from typing import Any
+
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
+AT_FDCWD, AT_RECURSIVE = -100, 0x8000
+SYS_MOUNT_SETATTR = 442  # one number on every architecture (allocated after the syscall tables were unified)
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+JOB_UID_BASE = 2_000_000_000  # + zygote pid: a uid no account uses, unique among live zygotes (root mode)
+HIDDEN_DIRS = ("/root", "/home")
+JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def _encode(text: str | None) -> bytes | None:
+    return None if text is None else text.encode()
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(_libc.mount(_encode(source), _encode(target), _encode(fstype), flags, _encode(data)), f"mount {target}")
+
+
+# ---------------------------------------------------------------- framing (shared with rewards.sandbox)
+
+def encode_message(message: dict[str, Any]) -> bytes:
+    body = json.dumps(message).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def _read_exact(fd: int, size: int) -> bytes | None:
+    chunks, remaining = [], size
+    while remaining:
+        chunk = os.read(fd, remaining)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_message(fd: int) -> dict[str, Any] | None:
+    header = _read_exact(fd, 4)
+    if header is None:
+        return None
+    body = _read_exact(fd, struct.unpack(">I", header)[0])
+    return None if body is None else json.loads(body)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# ---------------------------------------------------------------- zygote-wide isolation
+
+def _outermost(paths: Iterable[str]) -> list[str]:
+    """Existing real paths with every path nested inside another one dropped."""
+    kept: list[str] = []
+    for path in sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)}):
+        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(path)
+    return kept
+
+
+def _hide(directory: str, keep: list[str]) -> None:
+    """Cover ``directory`` (a home) with an empty tmpfs, binding back the paths in it Python needs."""
+    inside = [p for p in keep if p.startswith(directory + "/")]
+    handles = {p: os.open(p, os.O_PATH) for p in inside}
+    _mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for path, handle in handles.items():
+        os.makedirs(path, exist_ok=True)
+        _mount(f"/proc/self/fd/{handle}", path, None, MS_BIND | MS_REC)
+        os.close(handle)
+
+
+def isolate(hide: list[str]) -> None:
+    """Enter new namespaces, hide home directories and make the filesystem read-only; raise OSError if refused."""
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC
+    if os.geteuid() == 0:
+        _check(_libc.unshare(flags), "unshare")
+    else:
+        uid, gid = os.getuid(), os.getgid()
+        _check(_libc.unshare(flags | CLONE_NEWUSER), "unshare")
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    keep = _outermost([*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix,
+                       os.path.dirname(os.path.realpath(sys.executable))])
+    for directory in _outermost(hide):
+        if os.path.isdir(directory) and not any(directory.startswith(k.rstrip("/") + "/") or directory == k
+                                                for k in keep):
+            _hide(directory, keep)
+    attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)),
+           "mount_setattr /")
+    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")  # caches of preloaded modules
+
+
+# ---------------------------------------------------------------- per-job confinement (runs in the job)
+
+def _address_space_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _set_limits(limits: dict[str, Any], processes: bool) -> None:
+    """Memory is budgeted on top of what the forked interpreter already maps (sympy alone maps ~0.5 GB)."""
+    cpu = int(limits["timeout_s"]) + 1
+    memory = _address_space_now() + limits["memory_mb"] * 2**20
+    file_size = limits["file_mb"] * 2**20
+    for which, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_CORE, 0),
+                         (resource.RLIMIT_FSIZE, file_size), (resource.RLIMIT_NOFILE, limits["open_files"])):
+        resource.setrlimit(which, (value, value))
+    if processes:
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"], limits["processes"]))
+
+
+def _job_uid() -> int:
+    return JOB_UID_BASE + _zygote_pid
+
+
+def _drop_privileges(strong: bool) -> None:
+    if os.geteuid() == 0:
+        uid = _job_uid()
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)  # leaving uid 0 clears every capability
+    elif strong:
+        data = (_CapData * 2)()
+        _check(_libc.capset(ctypes.byref(_CapHeader(LINUX_CAPABILITY_VERSION_3, 0)), data), "capset")
+
+
+def _refuse_sockets(event: str, args: tuple[Any, ...]) -> None:
+    if event.startswith("socket."):
+        raise PermissionError("network access is disabled in the sandbox")
+
+
+def _confine(limits: dict[str, Any], strong: bool, workdir: str) -> None:
+    """Everything a job gets before its untrusted input is touched: files, environment, limits, identity."""
+    if strong:
+        ids = f",uid={_job_uid()},gid={_job_uid()}" if os.geteuid() == 0 else ""
+        _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={limits['file_mb']}m,mode=0700{ids}")
+        try:
+            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError:  # proc is partly masked (containers): show none rather than the host's processes
+            _mount("tmpfs", "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
+    os.chdir(workdir)
+    os.environ.clear()
+    os.environ.update({"PATH": JOB_PATH, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"})
+    tempfile.tempdir = None
+    _set_limits(limits, processes=strong or os.geteuid() == 0)
+    _drop_privileges(strong)
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")  # cleared by setuid: set after
+    if not strong:
+        sys.addaudithook(_refuse_sockets)
+
+
+def _emitter(nonce: str, fd: int) -> Callable[[Any], None]:
+    """Write one result line. Bound to C-level functions now, so untrusted code cannot patch the encoding."""
+    write, type_of, prefix = os.write, type, f"\n{nonce} ".encode()
+    encode_str = json.encoder.c_encode_basestring_ascii or json.encoder.py_encode_basestring_ascii
+    literals = {True: b"true", False: b"false", None: b"null"}
+
+    def emit(item: Any) -> None:
+        kind = type_of(item)
+        if kind is bool or item is None:
+            payload = literals[item]
+        elif kind is float:
+            payload = float.__repr__(item).encode()
+        elif kind is str:
+            payload = encode_str(item).encode()
+        else:
+            raise TypeError(f"a job may yield bool, float, str or None, not {kind.__name__}")
+        write(fd, prefix + payload + b"\n")
+
+    return emit
+
+
+def _resolve(target: str) -> Callable[..., Iterable[Any]]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _job(request: dict[str, Any], strong: bool, workdir: str) -> None:
+    """The job process (PID-namespace init in strong mode): confine, run the target, report, exit."""
+    os.setpgid(0, 0)
+    _confine(request["limits"], strong, workdir)
+    emit = _emitter(request["nonce"], os.dup(1))
+    try:
+        for item in _resolve(request["target"])(**request["args"]):
+            emit(item)
+    finally:
+        sys.stdout.flush()  # what the job printed, for whoever debugs it
+
+
+def _job_parent(request: dict[str, Any], strong: bool, out_w: int, control_w: int) -> None:
+    """Forked by the zygote: enters the job's mount and PID namespaces, forks the job, reports its exit."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(out_w, 1)
+    os.dup2(out_w, 2)
+    os.dup2(control_w, 3)
+    os.closerange(4, 65536)
+    workdir = "/tmp" if strong else tempfile.mkdtemp(prefix="rlreason-job-")
+    if strong:
+        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID), "unshare job")
+    elif os.geteuid() == 0:
+        os.chown(workdir, _job_uid(), _job_uid())
+    job = os.fork()
+    if job == 0:
+        os.close(3)
+        try:
+            _job(request, strong, workdir)
+        except BaseException:  # the traceback goes to the output pipe, for whoever debugs the job
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+        os._exit(0)
+    os.write(3, f"{job}\n".encode())
+    _, status = os.waitpid(job, 0)
+    if not strong:
+        with contextlib.suppress(ProcessLookupError):  # what the job left behind (a PID namespace needs no help)
+            os.killpg(job, signal.SIGKILL)
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    os.write(3, f"{os.waitstatus_to_exitcode(status)}\n".encode())
+
+
+def _collect(out_r: int, control_r: int, deadline: float, cap: int) -> tuple[str, bytes, list[int]]:
+    """Read the job's output until it exits, overflows ``cap`` or passes ``deadline``."""
+    chunks, size, control, watched = [], 0, b"", [out_r, control_r]
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return "timeout", b"".join(chunks), _numbers(control)
+        readable, _, _ = select.select(watched, [], [], remaining)
+        if out_r in readable:
+            chunk = os.read(out_r, 65536)
+            if not chunk:
+                watched.remove(out_r)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > cap:
+                return "overflow", b"".join(chunks)[:cap], _numbers(control)
+        if control_r in readable:
+            data = os.read(control_r, 64)
+            control += data
+            if not data or len(_numbers(control)) == 2:  # the job exited: drain what it wrote, then stop
+                os.set_blocking(out_r, False)
+                while size <= cap:
+                    try:
+                        chunk = os.read(out_r, 65536)
+                    except BlockingIOError:
+                        break
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+                status = "ok" if size <= cap else "overflow"
+                return status, b"".join(chunks)[:cap], _numbers(control)
+
+
+def _numbers(control: bytes) -> list[int]:
+    return [int(x) for x in control.split(b"\n")[:-1]]
+
+
+def run_job(request: dict[str, Any], strong: bool) -> dict[str, Any]:
+    limits, started = request["limits"], time.monotonic()
+    out_r, out_w = os.pipe()
+    control_r, control_w = os.pipe()
+    parent = os.fork()
+    if parent == 0:
+        try:
+            os.close(out_r)
+            os.close(control_r)
+            _job_parent(request, strong, out_w, control_w)
+        finally:
+            os._exit(0)
+    os.close(out_w)
+    os.close(control_w)
+    status, output, control = _collect(out_r, control_r, started + limits["timeout_s"], limits["output_bytes"])
+    if status != "ok":  # the job is its namespace's init: killing it kills all it started, and its parent
+        with contextlib.suppress(ProcessLookupError):  # returns from waiting for it once all of them are gone
+            os.kill(control[0] if control else parent, signal.SIGKILL)
+    os.waitpid(parent, 0)
+    os.close(out_r)
+    os.close(control_r)
+    exit_code = control[1] if len(control) == 2 else None
+    return {"status": status, "exit_code": exit_code, "output": b64encode(output).decode(),
+            "seconds": time.monotonic() - started}
+
+
+_zygote_pid = os.getpid()
+
+
+def main() -> None:
+    """Serve jobs until stdin closes. The first message configures; the reply says which isolation holds."""
+    global _zygote_pid
+    _zygote_pid = os.getpid()
+    config = _read_message(0)
+    if config is None:
+        return
+    sys.path[:] = config["sys_path"]
+    strong, reason = config["isolation"] != "weak", "weak isolation was asked for"
+    try:
+        if strong:
+            isolate(config["hide"])
+    except OSError as exc:
+        strong, reason = False, str(exc)
+    if not strong and config["isolation"] == "strong":
+        _write_all(1, encode_message({"error": f"namespaces unavailable ({reason})"}))
+        return
+    try:
+        for name in config["preload"]:  # "module", or "module:function" to also call a warm-up function
+            module, _, warm_up = name.partition(":")
+            imported = importlib.import_module(module)
+            if warm_up:
+                getattr(imported, warm_up)()
+    except Exception as exc:
+        _write_all(1, encode_message({"error": f"preloading failed: {exc!r}"}))
+        return
+    gc.freeze()  # forked jobs then leave the preloaded objects' pages shared instead of copying them
+    _write_all(1, encode_message({"ready": True, "strong": strong, "reason": reason}))
+    while (request := _read_message(0)) is not None:
+        _write_all(1, encode_message(run_job(request, strong)))

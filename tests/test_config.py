@@ -1,0 +1,74 @@
+"""Config loading: YAML + overrides into dataclasses, every problem named, before any model loads."""
+
+import pytest
+
+from rlreason.config import ConfigError, load_config
+
+
+def problems_of(overrides, path=None):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return info.value.problems
+
+
+def test_overrides_are_typed_and_dotted(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 1e-5\n  steps: 3\nrollout:\n  group_size: 4\n")
+    config = load_config(path, ["train.steps=7", "rollout.temperature=0.7", "task.options={digits: 3}"])
+    assert config.train.learning_rate == 1e-5 and isinstance(config.train.learning_rate, float)
+    assert config.train.steps == 7 and config.rollout.group_size == 4
+    assert config.rollout.temperature == 0.7 and config.task.options == {"digits": 3}
+
+
+def test_reward_list_from_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rewards:\n  - {name: think_format, weight: 0.5}\n")
+    config = load_config(path)
+    assert [(r.name, r.weight) for r in config.rewards] == [("think_format", 0.5)]
+
+
+def test_unknown_key_suggests_the_closest():
+    assert problems_of(["train.lerning_rate=1"]) == [
+        "train.lerning_rate: unknown key; did you mean 'train.learning_rate'?"
+    ]
+
+
+def test_all_problems_reported_at_once():
+    problems = problems_of(
+        [
+            "rollout.group_size=1",
+            "rollout.temperature=hot",
+            "train.steps=1.5",
+            "tsk.name=x",
+            "train.micro_batch_size=2",
+        ]
+    )
+    assert len(problems) == 4
+    assert any(p.startswith("rollout.group_size: must be >= 2") for p in problems)
+    assert any(p.startswith("rollout.temperature: expected float") for p in problems)
+    assert any(p.startswith("train.steps: expected int") for p in problems)
+    assert any(p.startswith("tsk: unknown key; did you mean 'task'") for p in problems)
+
+
+def test_batch_must_split_into_micro_batches():
+    (problem,) = problems_of(
+        ["rollout.prompts_per_step=3", "rollout.group_size=4", "train.micro_batch_size=5"]
+    )
+    assert problem.startswith(
+        "train.micro_batch_size: must divide the batch of prompts_per_step x group_size = 12"
+    )
+
+
+def test_unknown_reward_and_task_names():
+    problems = problems_of(["rewards=[{name: math_acuracy}]", "task.name=arithmetc"])
+    assert "did you mean 'math_accuracy'" in problems[0]
+    assert "did you mean 'arithmetic'" in problems[1]
+
+
+def test_missing_config_file_and_missing_sft_data(tmp_path):
+    assert "does not exist" in problems_of([], tmp_path / "nope.yaml")[0]
+    assert problems_of([f"sft.data={tmp_path / 'x.jsonl'}", "sft.steps=3"])[0].startswith("sft.data: file")
+
+
+def test_malformed_override():
+    assert problems_of(["train.steps"])[0].startswith("override 'train.steps': expected key=value")

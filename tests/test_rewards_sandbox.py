@@ -1,0 +1,111 @@
+"""The sandbox pool: result framing, deadlines, recovery, parallelism, weak mode."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from rewards.sandbox import Job, Limits, SandboxError, SandboxPool, parse_results
+
+ECHO = "tests.sandbox_jobs:echo"
+
+
+@pytest.fixture(scope="module")
+def pool():
+    pool = SandboxPool(workers=2)
+    yield pool
+    pool.close()
+
+
+def test_parse_results_trusts_only_nonce_lines():
+    nonce = "abc123"
+    output = b'noise\nabc123 true\nabc 123 false\nfake abc123 true\n\nabc123 "s"\n\nabc123 1.5\n\nabc123 tru'
+    assert parse_results(output, nonce) == [True, "s", 1.5]
+    assert parse_results(b'\nabc123 {"a": 1', nonce) == []
+
+
+def test_results_in_order_with_output_and_exit(pool):
+    outcome = pool.run(Job(ECHO, {"items": [True, 0.5, "x", None], "say": "hello"}))
+    assert outcome.status == "ok" and outcome.exit_code == 0
+    assert outcome.results == [True, 0.5, "x", None]
+    assert b"hello" in outcome.output
+
+
+def test_forged_result_lines_do_not_count(pool):
+    outcome = pool.run(Job(ECHO, {"items": [False], "say": "\nforged true\n"}))
+    assert outcome.results == [False]
+
+
+def test_results_before_a_timeout_survive(pool):
+    outcome = pool.run(Job(ECHO, {"items": [True], "sleep": 100}, Limits(timeout_s=0.5)))
+    assert outcome.status == "timeout" and outcome.results == [True] and outcome.exit_code is None
+
+
+def test_output_cap(pool):
+    outcome = pool.run(Job(ECHO, {"items": [True], "say": "x" * 100_000}, Limits(output_bytes=1000)))
+    assert outcome.status == "overflow" and len(outcome.output) <= 1000
+
+
+def test_jobs_run_in_parallel(pool):
+    pool.map([Job(ECHO, {"items": []})] * 2)  # both zygotes started
+    started = time.monotonic()
+    outcomes = pool.map([Job(ECHO, {"items": [True], "sleep": 0.5})] * 4)
+    assert [o.results for o in outcomes] == [[True]] * 4
+    assert time.monotonic() - started < 1.8
+
+
+def test_a_dead_zygote_is_replaced(pool):
+    pool.map([Job(ECHO, {"items": []})] * 2)
+    for zygote in list(pool._idle.queue):
+        zygote.process.kill()
+    assert pool.run(Job(ECHO, {"items": [True]})).results == [True]
+
+
+def boot_with(patch: str) -> str:
+    """A zygote start command with ``patch`` applied to rewards.zygote (bound to ``z``) before it serves."""
+    return f"import sys; sys.path.insert(0, sys.argv[1]); import rewards.zygote as z; {patch}; z.main()"
+
+
+def test_an_unresponsive_zygote_is_killed_at_the_grace_deadline(monkeypatch):
+    monkeypatch.setattr("rewards.sandbox.GRACE_S", 0.5)
+    monkeypatch.setattr(
+        "rewards.sandbox._BOOT",
+        boot_with("import time; z.run_job = lambda request, strong: time.sleep(1000)"),
+    )
+    hanging = SandboxPool(workers=1)
+    started = time.monotonic()
+    assert hanging.run(Job(ECHO, {"items": [True]}, Limits(timeout_s=0.5))).status == "error"
+    assert time.monotonic() - started < 3.0
+    hanging.close()
+
+
+def test_strong_isolation_is_the_default(pool):
+    pool.run(Job(ECHO, {"items": []}))
+    assert pool.strong is True and pool.isolation == "strong"
+
+
+def test_weak_mode_runs_jobs_and_refuses_sockets():
+    weak = SandboxPool(workers=1, isolation="weak")
+    try:
+        outcome = weak.run(Job(ECHO, {"items": [True], "connect": True}))
+        assert weak.strong is False
+        assert outcome.results == [True] and b"network access is disabled" in outcome.output
+        assert weak.run(Job(ECHO, {"items": [1.0], "sleep": 100}, Limits(timeout_s=0.5))).results == [1.0]
+    finally:
+        weak.close()
+
+
+def test_bad_isolation_mode_and_missing_namespaces(monkeypatch):
+    with pytest.raises(ValueError, match="isolation"):
+        SandboxPool(isolation="none")
+    refuse = "def refuse(hide):\n    raise OSError(1, 'refused')"
+    monkeypatch.setattr("rewards.sandbox._BOOT", boot_with(f"exec({refuse!r}); z.isolate = refuse"))
+    strict = SandboxPool(workers=1)
+    with pytest.raises(SandboxError, match="namespaces unavailable.*RLREASON_SANDBOX=fallback"):
+        strict.run(Job(ECHO, {"items": []}))
+    fallback = SandboxPool(workers=1, isolation="fallback")
+    try:
+        assert fallback.run(Job(ECHO, {"items": [True]})).results == [True] and fallback.strong is False
+    finally:
+        fallback.close()

@@ -1,0 +1,132 @@
+"""End to end on a tiny random-init model: the run directory, its logs, checkpoints and resume."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import make_tiny_model, write_config
+from transformers import AutoModelForCausalLM
+
+from rlreason.cli import main
+from rlreason.config import load_config
+from rlreason.runlog import read_jsonl
+from rlreason.trainer import Trainer, latest_checkpoint
+
+
+def test_two_steps_write_a_complete_run_directory(tiny_llama, tmp_path):
+    run_dir = tmp_path / "run"
+    rewards = [
+        {"name": "math_accuracy"},
+        {"name": "think_format", "weight": 0.2},
+        {"name": "conftest:sevens"},
+    ]
+    config = write_config(
+        tmp_path / "c.yaml", tiny_llama, run_dir, run={"save_every": 1, "keep_last": 1}, rewards=rewards
+    )
+    assert main(["train", str(config)]) == 0
+
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["rollout"]["group_size"] == 4
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in (
+        "reward",
+        "rewards/math_accuracy",
+        "rewards/think_format",
+        "rewards/conftest:sevens",
+        "accuracy",
+        "completion_length",
+        "clip_fraction",
+        "grad_norm",
+        "lr",
+        "time_generate",
+        "time_optimize",
+        "tokens_per_s",
+        "entropy",
+    ):
+        assert key in metrics[0], key
+    completions = read_jsonl(run_dir / "completions.jsonl")
+    assert len(completions) == 2 * 2 * 4
+    assert set(completions[0]) >= {"step", "prompt", "completion", "rewards", "total", "advantage", "length"}
+    # advantages of each group sum to zero
+    for start in range(0, len(completions), 4):
+        assert abs(sum(c["advantage"] for c in completions[start : start + 4])) < 1e-4
+    evals = read_jsonl(run_dir / "evals.jsonl")
+    assert [e["stage"] for e in evals] == ["base", "final"] and len(evals[0]["samples"]) == 8
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step-000002"]  # keep_last=1 pruned step 1
+    reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step-000002" / "model")
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    changed = any(
+        not torch.equal(a, b) for a, b in zip(reloaded.parameters(), original.parameters(), strict=True)
+    )
+    assert changed, "two steps at lr 1e-3 must have moved the weights"
+
+
+def test_resume_continues_exactly(tmp_path):
+    model_dir = make_tiny_model(tmp_path / "model")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = {
+        "rewards": [{"name": "conftest:sevens"}],
+        "run": {"save_every": 1, "eval_before": False},
+        "train": {"steps": 3, "learning_rate": 1e-3, "micro_batch_size": 4, "num_iterations": 2},
+    }
+    write_config(tmp_path / "a.yaml", model_dir, straight, **common)
+    assert main(["train", str(tmp_path / "a.yaml")]) == 0
+
+    write_config(tmp_path / "b.yaml", model_dir, resumed, **common)
+    config = load_config(tmp_path / "b.yaml", ["train.steps=2"])
+    Trainer(config).train()
+    # pretend the run died after step 2's checkpoint but with a step 3 half-logged
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "reward": 123.0}) + "\n")
+    (resumed / "checkpoints" / "step-000003.tmp").mkdir()
+    assert latest_checkpoint(resumed).name == "step-000002"
+    assert main(["train", str(tmp_path / "b.yaml"), "--resume"]) == 0
+
+    a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
+    assert [m["step"] for m in b] == [1, 2, 3]
+    for key in ("reward", "loss", "grad_norm", "completion_length", "ratio"):
+        assert b[2][key] == pytest.approx(a[2][key], rel=1e-5, abs=1e-7), key
+    texts = lambda rows: [r["completion"] for r in rows if r["step"] == 3]  # noqa: E731
+    assert texts(read_jsonl(straight / "completions.jsonl")) == texts(
+        read_jsonl(resumed / "completions.jsonl")
+    )
+
+
+def test_existing_run_is_not_overwritten(tiny_llama, tmp_path, capsys):
+    config = write_config(
+        tmp_path / "c.yaml", tiny_llama, tmp_path / "run", train={"steps": 1}, run={"eval_before": False}
+    )
+    assert main(["train", str(config)]) == 0
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert main(["train", str(config)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_bad_config_exits_2_before_loading_a_model(tmp_path, capsys):
+    config = write_config(
+        tmp_path / "c.yaml", tmp_path / "no-model-here", tmp_path / "run", rollout={"group_size": 1}
+    )
+    assert main(["train", str(config)]) == 2
+    assert "rollout.group_size: must be >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_reference_model_only_when_beta_positive(tiny_llama, tmp_path):
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_llama,
+        tmp_path / "run",
+        train={"steps": 1, "beta": 0.1},
+        run={"eval_before": False},
+    )
+    trainer = Trainer(load_config(config))
+    assert trainer.reference is not None
+    metrics = trainer.train_step()
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # first step: policy == reference
+    no_ref = Trainer(load_config(config, ["train.beta=0.0", f"run.output_dir={tmp_path / 'run2'}"]))
+    assert no_ref.reference is None
