@@ -26,6 +26,9 @@ train: $(STAMP) runs/cold_start/arithmetic.jsonl
 	$(PY) -m rlreason train configs/default.yaml run.output_dir=$(RUN_DIR)
 
 test: $(STAMP)
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+		echo "warning: chromium could not be installed; the HTML report's browser test will be skipped"
 	$(VENV)/bin/ruff check rlreason rewards tasks tests benchmarks
 	$(PY) -m pytest -q
 

@@ -265,6 +265,7 @@ def _job(request: dict[str, Any], strong: bool, workdir: str) -> None:
 
 def _job_parent(request: dict[str, Any], strong: bool, out_w: int, control_w: int) -> None:
     """Forked by the zygote: enters the job's mount and PID namespaces, forks the job, reports its exit."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")  # the zygote's death ends the job
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(out_w, 1)

@@ -1,4 +1,4 @@
-"""``rlreason train|eval|sft|traces``: the command line.
+"""``rlreason train|eval|sft|traces|inspect``: the command line.
 
 A bad config exits with code 2 and one line per problem, before any model is loaded.
 """
@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from rlreason.evaluate import evaluate
+    from rlreason.evaluate import evaluate_config
     from rlreason.models import load_model, load_tokenizer
     from rlreason.rollout import HFEngine
     from rlreason.scoring import resolve_rewards
@@ -50,16 +50,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(mc.name, mc.cache_dir, mc.revision)
     model = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision).to("cuda" if torch.cuda.is_available() else "cpu")
     data = load_task(tc.name, "eval", tc.eval_size, config.train.seed, **tc.options)
-    max_new = config.run.eval_max_new_tokens or config.rollout.max_new_tokens
-    result = evaluate(HFEngine(model, tokenizer), tokenizer, data, resolve_rewards(config.rewards), max_new, config.run.eval_batch_size)
+    result = evaluate_config(config, HFEngine(model, tokenizer), tokenizer, data, resolve_rewards(config.rewards))
     report_dir = run_dir or Path(config.run.output_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    (report_dir / "eval_report.json").write_text(json.dumps({"model": mc.name, "task": tc.name, **result}, indent=2))
-    print(f"{'model':<10} {mc.name}\n{'task':<10} {tc.name} (eval split, {result['num_prompts']} prompts, greedy)")
-    print(f"{'accuracy':<10} {result['accuracy']:.3f}")
-    for name, value in result["rewards"].items():
-        print(f"{name:<10} {value:.3f}")
-    print(f"report     {report_dir / 'eval_report.json'}")
+    report = report_dir / "eval_report.json"
+    report.write_text(json.dumps({"model": mc.name, "task": tc.name, "config": config.to_dict(), **result}, indent=2))
+    print(f"model  {mc.name}\ntask   {tc.name}: {result['num_prompts']} held-out prompts")
+    table = {"accuracy (greedy)": result["accuracy"], **{k: v for k, v in result.items() if "@" in k or k.startswith("best_of")}}
+    table.update({f"reward {name}": value for name, value in result["rewards"].items()})
+    for name, value in table.items():
+        print(f"  {name:<28} {value:.3f}")
+    print(f"report {report}")
     return 0
 
 
@@ -94,6 +95,34 @@ def cmd_traces(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import re
+
+    from rlreason import inspect_run
+    from rlreason.report import write_report
+
+    try:
+        run = inspect_run.load_run(args.run_dir)
+        order = "best" if args.best else "worst" if args.worst else None
+        count = args.best or args.worst
+        out = []
+        if args.html:
+            out.append(f"wrote {write_report(run, args.html, args.samples_per_step)}")
+        if args.diff:
+            out.append(inspect_run.diff(run, *args.diff, limit=args.limit))
+        if args.grep:
+            out.append(inspect_run.grep(run, args.grep, args.step, order, count or args.limit))
+        elif args.step is not None:
+            out.append(inspect_run.show_step(run, args.step, order, count))
+        elif order:
+            out.append(inspect_run.format_completions(inspect_run.select(run, order=order, limit=count)))
+        print("\n\n".join(out) if out else inspect_run.summary(run))
+    except (FileNotFoundError, KeyError, re.error) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlreason", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--seed", type=int, default=0)
     traces.add_argument("--option", action="append", default=[], help="task option key=value, e.g. digits=3")
     traces.set_defaults(func=cmd_traces)
+    ins = sub.add_parser("inspect", help="read a run directory back: curves, completions, eval diffs, an HTML report")
+    ins.add_argument("run_dir")
+    ins.add_argument("--step", type=int, help="print that step's completions with their rewards and advantages")
+    rank = ins.add_mutually_exclusive_group()
+    rank.add_argument("--best", type=int, nargs="?", const=5, metavar="K", help="the K highest-reward completions (of --step, or of the run)")
+    rank.add_argument("--worst", type=int, nargs="?", const=5, metavar="K", help="the K lowest-reward completions")
+    ins.add_argument("--grep", metavar="PATTERN", help="completions matching a regex (case-insensitive), and the share per step")
+    ins.add_argument("--diff", nargs=2, metavar=("A", "B"), help="how greedy eval answers changed, e.g. base final, 0 20, grpo@10 final")
+    ins.add_argument("--html", metavar="PATH", help="write a self-contained HTML report with plots and a sample browser")
+    ins.add_argument("--limit", type=int, default=10, help="matches (--grep) or examples per kind (--diff) printed")
+    ins.add_argument("--samples-per-step", type=int, default=32, help="completions per step kept in the HTML report")
+    ins.set_defaults(func=cmd_inspect)
     return parser
 
 

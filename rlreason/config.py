@@ -88,16 +88,64 @@ class TrainConfig:
     """Optimisation passes over each generation batch; > 1 makes the importance ratio differ from 1."""
     micro_batch_size: int = 8
     """Completions per forward/backward; gradients are accumulated over the whole P x G batch."""
+    # ---- the objective: each option is one small, named difference (see docs "Objectives" and losses.py)
+    loss_type: str = "grpo"
+    """How per-token losses add up: "grpo" (token mean per sequence, then mean over sequences; Shao et al. 2024,
+    DeepSeekMath), "bnpo" / "dapo" (token mean over the whole batch; Yu et al. 2025, DAPO), "dr_grpo" (token sum
+    divided by the constant prompts x G x rollout.max_new_tokens; Liu et al. 2025, Dr. GRPO)."""
+    advantage: str = "group"
+    """Baseline of a completion's reward: "group" (the group's mean; GRPO) or "rloo" (the mean of the other G - 1
+    completions; Kool et al. 2019, Ahmadian et al. 2024)."""
+    scale_rewards: str | bool = "group"
+    """Divide centred rewards by the std of the "group" (GRPO), of the whole "batch" (Liu et al. 2025, "Tricks or
+    Traps?") or "none" (Dr. GRPO). true / false are read as "group" / "none"."""
+    importance_sampling: str = "token"
+    """Importance ratio per "token" (PPO, GRPO) or one length-normalised ratio per "sequence" (Zheng et al. 2025,
+    GSPO, which uses epsilon ~3e-4 / epsilon_high ~4e-4). Only matters when num_iterations > 1."""
     epsilon: float = 0.2
-    """PPO clipping range of the importance ratio: [1 - epsilon, 1 + epsilon]."""
+    """PPO clipping range of the importance ratio: [1 - epsilon, 1 + epsilon_high] (Schulman et al. 2017)."""
+    epsilon_high: float | None = None
+    """Upper clipping range; null means epsilon. DAPO's clip-higher uses 0.28 with epsilon 0.2 (Yu et al. 2025)."""
+    dual_clip: float | None = None
+    """Dual-clip PPO (Ye et al. 2020): c > 1 caps the loss of a negative-advantage token at c |A| however large its
+    ratio; null disables it (typical c: 3)."""
     beta: float = 0.0
-    """KL penalty weight (k3 estimator) against a frozen reference; 0 loads no reference model."""
-    scale_rewards: bool = True
-    """Divide group-centred rewards by the group's std (GRPO); false gives Dr. GRPO's unscaled advantage."""
+    """KL weight against a reference model (a copy of the initial policy); 0 loads no reference model."""
+    kl_estimator: str = "k3"
+    """Per-token KL estimator (Schulman 2020, "Approximating KL divergence"): "k1" (log pi - log pi_ref), "k2"
+    (half its square) or "k3" (r - 1 - log r, GRPO's)."""
+    kl_in_reward: bool = False
+    """Subtract beta x the completion's summed KL from its reward before advantages (PPO for RLHF, Ziegler et al.
+    2019; use with k1) instead of adding beta x KL to the loss (GRPO)."""
+    ref_update_every: int = 0
+    """Reset the reference to the current policy every N steps (0: never; TR-DPO, Gorbatovski et al. 2024, and
+    ProRL's reference resets, Liu et al. 2025). The reference is saved with checkpoints when this is set."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025): drop groups whose rewards are all equal (no signal) and sample more
+    prompts until the batch holds rollout.prompts_per_step groups, for at most max_sampling_rounds rounds."""
+    max_sampling_rounds: int = 4
+    """Cap on generation rounds per step under dynamic_sampling; a batch still short after it is filled with
+    dropped groups (logged as dynamic_sampling/refilled_groups)."""
+    overlong: str = "none"
+    """Completions truncated at rollout.max_new_tokens: "none" (trained like any other), "mask" (left out of the
+    loss: DAPO's overlong filtering) or "soft" (DAPO's soft overlong punishment, added to the reward)."""
+    overlong_buffer: int = 0
+    """For overlong "soft": the last N tokens before max_new_tokens over which the penalty falls from 0 to -1
+    (DAPO: 4096 of 20480)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: loss -= entropy_coef x token entropy (Williams & Peng 1991, Mnih et al. 2016); negative values
+    minimise entropy. Entropy is logged whatever this is."""
+    top_entropy_quantile: float = 1.0
+    """Train only on this share of the batch's tokens with the highest entropy (Wang et al. 2025, "Beyond the 80/20
+    rule", keep 0.2); 1.0 trains on every token."""
     bf16: str = "auto"
     """"auto" (bf16 autocast where the hardware supports it), "true" or "false"."""
     gradient_checkpointing: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scale_rewards, bool):  # the old boolean spelling
+            self.scale_rewards = "group" if self.scale_rewards else "none"
 
 
 @dataclass
@@ -110,6 +158,42 @@ class SFTConfig:
     warmup_steps: int = 0
 
 
+REFLECTION_PHRASES = [
+    "wait",
+    "let me check",
+    "let me re-check",
+    "let me recheck",
+    "let me verify",
+    "double-check",
+    "double check",
+    "verify",
+    "re-examine",
+    "reconsider",
+    "alternatively",
+    "on second thought",
+    "hmm",
+]
+"""Default ``run.reflection_phrases``: what R1-style models say when they go back over their work."""
+
+MILESTONES = {
+    "reasoning/reflections_per_1k": 1.0,
+    "reasoning/format_adherence": 0.5,
+    "reasoning/answer_changes": 0.1,
+    "accuracy": 0.5,
+}
+"""Default ``run.milestones``."""
+
+
+@dataclass
+class EvalConfig:
+    samples: int = 0
+    """n sampled completions per held-out prompt for pass@k, maj@k and best-of-n; 0: greedy accuracy only."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    k: list[int] = field(default_factory=lambda: [1])
+    """The k of pass@k and maj@k (each <= samples)."""
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
@@ -118,8 +202,10 @@ class RunConfig:
     keep_last: int = 2
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
     log_every: int = 1
+    """Print a one-line summary of the step's metrics every N steps (0: never)."""
     eval_every: int = 0
-    """Evaluate on the held-out split every N steps (0: only before and after training)."""
+    """Evaluate on the held-out split every N steps (0: only before and after training); each evaluation keeps
+    its greedy samples of the same prompts, which ``rlreason inspect --diff`` compares."""
     eval_before: bool = True
     """Evaluate before training so the report can say before -> after."""
     eval_max_new_tokens: int = 0
@@ -127,10 +213,19 @@ class RunConfig:
     eval_batch_size: int = 64
     overwrite: bool = False
     """Allow writing into an output_dir that already holds a finished run."""
+    reward_timeout: float = 120.0
+    """Seconds a reward call may take before its completions score 0 (counted in ``reward_failures``)."""
     report_to: list[str] = field(default_factory=list)
     """Extra metric sinks, e.g. ["wandb"]."""
+    wandb_project: str = "rlreason"
+    wandb_completions: int = 8
+    """Completions per step sent to wandb as a table (an even spread over the batch; 0: none)."""
     progress: bool = True
     """Show a progress bar."""
+    reflection_phrases: list[str] = field(default_factory=lambda: list(REFLECTION_PHRASES))
+    """Phrases counted as reflection (``reasoning/reflections_per_1k``); case-insensitive, whole words."""
+    milestones: dict[str, float] = field(default_factory=lambda: dict(MILESTONES))
+    """Metric -> threshold: the first step at which each metric reaches its threshold is announced and reported."""
 
 
 @dataclass
@@ -143,6 +238,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -286,10 +382,18 @@ def validate(config: Config) -> list[str]:
         problems.append("train.epsilon: must be > 0")
     if tr.beta < 0:
         problems.append("train.beta: must be >= 0")
+    problems += _objective_problems(tr, ro)
     if tr.bf16 not in ("auto", "true", "false"):
         problems.append(f"train.bf16: must be 'auto', 'true' or 'false', got {tr.bf16!r}")
     if config.model.dtype not in ("float32", "bfloat16"):
         problems.append(f"model.dtype: must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
+    ev = config.eval
+    if ev.samples < 0:
+        problems.append("eval.samples: must be >= 0")
+    if ev.samples and any(not 1 <= k <= ev.samples for k in ev.k):
+        problems.append(f"eval.k: every k must be between 1 and eval.samples = {ev.samples}, got {ev.k}")
+    if ev.temperature <= 0:
+        problems.append("eval.temperature: must be > 0")
     if not config.rewards:
         problems.append("rewards: at least one reward is needed")
     for i, spec in enumerate(config.rewards):
@@ -303,6 +407,43 @@ def validate(config: Config) -> list[str]:
         problems.append(f"task.name: {exc.args[0]}")
     if config.sft.data is not None and config.sft.steps > 0 and not Path(config.sft.data).is_file():
         problems.append(f"sft.data: file {config.sft.data!r} does not exist")
+    return problems
+
+
+def _objective_problems(tr: TrainConfig, ro: RolloutConfig) -> list[str]:
+    """The GRPO-family options of ``train``: names from their lists, numbers in their ranges, no option without effect."""
+    choices = {
+        "loss_type": ("grpo", "bnpo", "dapo", "dr_grpo"),
+        "advantage": ("group", "rloo"),
+        "scale_rewards": ("group", "batch", "none"),
+        "importance_sampling": ("token", "sequence"),
+        "kl_estimator": ("k1", "k2", "k3"),
+        "overlong": ("none", "mask", "soft"),
+    }
+    problems = []
+    for name, allowed in choices.items():
+        value = getattr(tr, name)
+        if value not in allowed:
+            problems.append(f"train.{name}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    if tr.epsilon_high is not None and tr.epsilon_high <= 0:
+        problems.append("train.epsilon_high: must be > 0 (or null for epsilon)")
+    if tr.dual_clip is not None and tr.dual_clip <= 1:
+        problems.append(f"train.dual_clip: must be > 1 (a multiple of |A| above the clipped range), got {tr.dual_clip}")
+    if tr.beta == 0 and tr.kl_in_reward:
+        problems.append("train.kl_in_reward: needs train.beta > 0 (beta weighs the KL in the reward)")
+    if tr.ref_update_every < 0:
+        problems.append("train.ref_update_every: must be >= 0 (0: never)")
+    elif tr.ref_update_every > 0 and tr.beta == 0:
+        problems.append("train.ref_update_every: needs train.beta > 0 (without a KL term there is no reference)")
+    if tr.max_sampling_rounds < 1:
+        problems.append("train.max_sampling_rounds: must be >= 1")
+    if tr.overlong == "soft" and not 1 <= tr.overlong_buffer <= ro.max_new_tokens:
+        problems.append(
+            f"train.overlong_buffer: must be in [1, rollout.max_new_tokens = {ro.max_new_tokens}] when train.overlong "
+            f"is 'soft', got {tr.overlong_buffer}"
+        )
+    if not 0 < tr.top_entropy_quantile <= 1:
+        problems.append(f"train.top_entropy_quantile: must be in (0, 1] (1.0: every token), got {tr.top_entropy_quantile}")
     return problems
 
 

@@ -13,8 +13,10 @@ def completion_logprobs(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(completion token | prefix) at ``temperature`` [N, Lc], and the per-token entropy (detached).
+    """log p(completion token | prefix) at ``temperature`` [N, Lc], and the per-token entropy (detached unless
+    ``entropy_grad``, which an entropy bonus needs).
 
     The logits are divided by the sampling temperature so that the ratio against the sampling policy is 1 when
     nothing changed. Position ids follow the attention mask, as in ``generate``, so left padding does not shift
@@ -28,6 +30,6 @@ def completion_logprobs(
     logits = logits[:, :-1].float() / temperature
     logprobs = torch.log_softmax(logits, dim=-1)
     token_logprobs = logprobs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logprobs.exp() * logprobs).sum(-1)
     return token_logprobs, entropy

@@ -114,3 +114,27 @@ class HFEngine:
             texts=texts,
             truncated=truncated,
         )
+
+
+def concat_rollouts(parts: list[tuple[Rollout, list[int]]], pad_id: int) -> Rollout:
+    """The chosen rows of several rollouts as one: prompts re-padded on the left, completions on the right.
+
+    Dynamic sampling (DAPO) keeps some groups of each generation round; this joins them into one batch.
+    """
+    def pad(tensors: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:
+        width = max(t.shape[1] for t in tensors)
+        padded = []
+        for t in tensors:
+            fill = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype)
+            padded.append(torch.cat([fill, t] if left else [t, fill], dim=1))
+        return torch.cat(padded)
+
+    picked = [(r, torch.tensor(rows, dtype=torch.long)) for r, rows in parts if rows]
+    return Rollout(
+        prompt_ids=pad([r.prompt_ids[i] for r, i in picked], pad_id, left=True),
+        prompt_mask=pad([r.prompt_mask[i] for r, i in picked], 0, left=True),
+        completion_ids=pad([r.completion_ids[i] for r, i in picked], pad_id, left=False),
+        completion_mask=pad([r.completion_mask[i] for r, i in picked], 0, left=False),
+        texts=[r.texts[j] for r, i in picked for j in i.tolist()],
+        truncated=torch.cat([r.truncated[i] for r, i in picked]),
+    )

@@ -1,7 +1,9 @@
 """The run directory's logs: ``metrics.jsonl`` (a line per step), ``completions.jsonl`` (every completion),
-``evals.jsonl`` (held-out evaluations), optionally mirrored to wandb.
+``evals.jsonl`` (held-out evaluations), optionally mirrored to wandb; and the terminal view of a run.
 
 Every line is written and flushed whole, so after a crash each file is still valid JSONL up to the last step.
+wandb is a mirror, never the record: if it is missing or fails (at start or mid-run) it is switched off with
+a warning and training goes on.
 """
 
 from __future__ import annotations
@@ -9,8 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
+
+from rlreason.reasoning import Milestones
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +37,22 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """The complete lines of a JSONL file one at a time (a torn last line from a crash is ignored), so a
+    completions log larger than memory can still be searched."""
+    if not path.is_file():
+        return
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                return
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Every complete line of a JSONL file (a torn last line from a crash is ignored)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
+    return list(iter_jsonl(path))
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -51,22 +63,53 @@ def truncate_after(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
+def _numbers(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The row's numbers for wandb; "step" is wandb's own step, not a metric."""
+    return {prefix + k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+
+
+def spread(rows: list[Any], k: int) -> list[Any]:
+    """``k`` rows evenly spaced over the batch: every group is represented, and no random state is touched
+    (a resumed run must draw the same numbers as an uninterrupted one)."""
+    if k <= 0 or not rows:
+        return []
+    stride = max(1, len(rows) // k)
+    return rows[::stride][:k]
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else value if isinstance(value, str) else json.dumps(value)
+
+
 class RunLog:
     """Appends to the run's JSONL files; the main process is the only writer under several processes."""
 
     def __init__(self, run_dir: Path, enabled: bool = True, report_to: list[str] | None = None, config: dict | None = None):
         self.run_dir = run_dir
         self.enabled = enabled
-        self.wandb = self._start_wandb(config) if enabled and "wandb" in (report_to or []) else None
+        run = (config or {}).get("run", {})
+        self.table_rows = int(run.get("wandb_completions", 8))
+        self.wandb: Any = None
+        if enabled and "wandb" in (report_to or []):
+            self._start_wandb(config, run.get("wandb_project", "rlreason"))
 
-    def _start_wandb(self, config: dict | None) -> Any:
+    def _start_wandb(self, config: dict | None, project: str) -> None:
         try:
             import wandb
 
-            return wandb.init(project="rlreason", dir=str(self.run_dir), config=config, name=self.run_dir.name)
+            self.wandb = wandb.init(project=project, dir=str(self.run_dir), config=config, name=self.run_dir.name)
+            self._table = wandb.Table
         except Exception as exc:  # tracking is optional: the JSONL logs are the record
             log.warning("wandb disabled: %s", exc)
-            return None
+
+    def _to_wandb(self, payload: dict[str, Any], step: int) -> None:
+        if self.wandb is None or not payload:
+            return
+        try:
+            self.wandb.log(payload, step=step)
+        except Exception as exc:  # a sink that broke mid-run is dropped, the run goes on
+            log.warning("wandb disabled after an error: %s", exc)
+            self.wandb = None
 
     def _append(self, name: str, rows: list[dict[str, Any]]) -> None:
         if not self.enabled or not rows:
@@ -77,17 +120,107 @@ class RunLog:
 
     def metrics(self, row: dict[str, Any]) -> None:
         self._append(METRICS, [row])
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
+        self._to_wandb(_numbers(row), row["step"])
 
     def completions(self, rows: list[dict[str, Any]]) -> None:
+        """Every completion to completions.jsonl; an even spread of them to wandb as the step's table."""
         self._append(COMPLETIONS, rows)
+        chosen = spread(rows, self.table_rows) if self.wandb is not None else []
+        if chosen:
+            names = list(chosen[0].get("rewards", {}))
+            columns = ["step", "task", "prompt", "completion", "answer", "total", "advantage", "length", *names]
+            data = [
+                [r["step"], _text(r.get("task")), r["prompt"], r["completion"], _text(r.get("answer")), r["total"],
+                 r["advantage"], r["length"], *(r["rewards"].get(n) for n in names)]
+                for r in chosen
+            ]
+            self._to_wandb({"completions": self._table(columns=columns, data=data)}, chosen[0]["step"])
 
     def evaluation(self, row: dict[str, Any]) -> None:
+        """The evaluation to evals.jsonl; its accuracy, reward means and samples (as a table) to wandb."""
         self._append(EVALS, [row])
-        if self.wandb is not None:
-            self.wandb.log({f"eval/{k}": v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
+        if self.wandb is None:
+            return
+        payload = {**_numbers(row, "eval/"), **_numbers(row.get("rewards", {}), "eval/rewards/")}
+        samples = row.get("samples", [])
+        if samples:
+            names = list(samples[0].get("rewards", {}))
+            payload["eval/samples"] = self._table(
+                columns=["stage", "prompt", "completion", "answer", *names],
+                data=[[row["stage"], s["prompt"], s["completion"], _text(s.get("answer")), *(s["rewards"].get(n) for n in names)] for s in samples],
+            )
+        self._to_wandb(payload, row["step"])
 
     def close(self) -> None:
         if self.wandb is not None:
-            self.wandb.finish()
+            try:
+                self.wandb.finish()
+            except Exception as exc:
+                log.warning("wandb could not finish: %s", exc)
+            self.wandb = None
+
+
+_LINE = [  # (metric, template): the one-line summary, in reading order; absent metrics are skipped
+    ("reward", "reward {:.3f}"),
+    ("accuracy", "acc {:.2f}"),
+    ("completion_length", "len {:.0f}"),
+    ("completion_length_p90", "p90 {:.0f}"),
+    ("truncated_fraction", "trunc {:.0%}"),
+    ("think_length", "think {:.0f}"),
+    ("answer_length", "answer {:.0f}"),
+    ("reasoning/reflections_per_1k", "reflect {:.2f}/1k"),
+    ("reasoning/format_adherence", "format {:.2f}"),
+    ("reasoning/answer_changes", "changes {:.2f}"),
+    ("zero_std_groups", "flat {:.0%}"),
+    ("kl", "kl {:.4f}"),
+    ("entropy", "ent {:.3f}"),
+    ("clip_fraction", "clip {:.3f}"),
+    ("grad_norm", "gnorm {:.3f}"),
+    ("tokens_per_s", "{:.0f} tok/s"),
+    ("time_step", "{:.1f} s/step"),
+]
+
+
+def step_line(metrics: dict[str, Any], total: int) -> str:
+    """One line that says how a step went, e.g. ``step 12/200 | reward 0.512 | acc 0.44 | len 87 | ...``;
+    ``flat`` is the share of groups whose rewards are all equal (they teach nothing)."""
+    parts = [f"step {metrics['step']}/{total}"]
+    for key, template in _LINE:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            parts.append(template.format(value))
+    return " | ".join(parts)
+
+
+class Progress:
+    """The terminal during training: a bar with step, reward, accuracy, tokens/s and ETA; a summary line every
+    ``log_every`` steps; and a line the first time a milestone metric reaches its threshold."""
+
+    def __init__(self, total: int, initial: int, show_bar: bool, log_every: int, milestones: Milestones, enabled: bool = True):
+        self.total = total
+        self.log_every = log_every
+        self.milestones = milestones
+        self.enabled = enabled
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc="grpo",
+            disable=not (show_bar and enabled),
+            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining} ETA{postfix}",
+        )
+
+    def update(self, metrics: dict[str, Any]) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(
+            reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
+        )
+        news = self.milestones.update(metrics)
+        if not self.enabled:
+            return
+        if self.log_every and metrics["step"] % self.log_every == 0:
+            tqdm.write(step_line(metrics, self.total))
+        for message in news:
+            tqdm.write(f"milestone: {message}")
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,12 +1,16 @@
 """Score completions with the configured rewards: one column per reward, a weighted total per completion.
 
-A reward that raises scores 0 for the whole call and is counted, so one broken verifier never ends a run.
-``None`` ("does not apply to this sample") is kept as NaN in its column and contributes nothing to the total.
+A reward that raises, returns garbage or outlives its timeout scores 0 for that call and is counted, so one
+broken verifier never ends a run. A reward runs in a worker thread so the trainer can stop waiting for it; a
+thread cannot be killed, so a hung one is abandoned (built-in verifiers that run untrusted code
+do so in killable processes, see rewards.sandbox). ``None`` ("does not apply to this sample") is kept as NaN
+in its column and contributes nothing to the total.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,9 +48,31 @@ def resolve_rewards(specs: list[Any]) -> list[WeightedReward]:
     return [WeightedReward(spec.name, spec.weight, get_reward(spec.name)) for spec in specs]
 
 
-def _call(reward: WeightedReward, completions: list[str], samples: list[dict[str, Any]]) -> tuple[np.ndarray, int]:
+def _run_with_timeout(fn: Any, timeout: float | None, *args: Any) -> Any:
+    """``fn(*args)`` in a daemon thread: a call that never returns is abandoned and cannot block exit."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="reward", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"no result after {timeout} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _call(
+    reward: WeightedReward, completions: list[str], samples: list[dict[str, Any]], timeout: float | None
+) -> tuple[np.ndarray, int]:
     try:
-        values = reward.fn(completions, samples)
+        values = _run_with_timeout(reward.fn, timeout, completions, samples)
         if len(values) != len(completions):
             raise ValueError(f"returned {len(values)} scores for {len(completions)} completions")
         column = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
@@ -58,10 +84,13 @@ def _call(reward: WeightedReward, completions: list[str], samples: list[dict[str
     return column, int(bad.sum())
 
 
-def score(completions: list[str], samples: list[dict[str, Any]], rewards: list[WeightedReward]) -> Scores:
+def score(
+    completions: list[str], samples: list[dict[str, Any]], rewards: list[WeightedReward], timeout: float | None = None
+) -> Scores:
+    """Every reward on every completion; a reward taking longer than ``timeout`` seconds scores 0 for the call."""
     columns, failures = [], {}
     for reward in rewards:
-        column, failed = _call(reward, completions, samples)
+        column, failed = _call(reward, completions, samples, timeout)
         columns.append(column)
         if failed:
             failures[reward.name] = failed

@@ -1,8 +1,10 @@
 """The GRPO loop, the only stateful piece of rlreason.
 
-One step: take P prompts -> sample G completions each -> score them -> group-relative advantages ->
-``num_iterations`` optimizer steps on the clipped surrogate (+ optional k3 KL to a frozen reference) ->
-log every completion and the step's metrics -> checkpoint.
+One step: take P prompts -> sample G completions each (DAPO dynamic sampling: resample groups with no signal)
+-> score them -> shape rewards (overlong, KL) -> group-relative advantages -> ``num_iterations`` optimizer steps
+on the clipped surrogate (+ optional KL to a reference, entropy bonus), aggregated by per-token weights ->
+log every completion and the step's metrics -> checkpoint. The objective's options are pure functions in
+advantages.py and losses.py, chosen by name from ``train.*``.
 
 Left out on purpose (see the README): value networks, reward models, and any advantage or loss not
 selected by config; each stage is a pure function in its own module and is tested alone.
@@ -28,16 +30,22 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from rlreason import sft
-from rlreason.advantages import group_advantages
+from rlreason.advantages import (
+    compute_advantages,
+    kl_penalised_rewards,
+    overlong_penalty,
+    zero_variance_groups,
+)
 from rlreason.config import Config, save_config
 from rlreason.data import PromptStream, encode_prompts
-from rlreason.evaluate import evaluate
+from rlreason.evaluate import evaluate_config
 from rlreason.logprobs import completion_logprobs
-from rlreason.losses import clipped_surrogate, grpo_token_weights, masked_mean
+from rlreason.losses import high_entropy_mask, kl_divergence, masked_mean, policy_loss, token_weights
 from rlreason.models import load_model, load_tokenizer
-from rlreason.rollout import HFEngine, Rollout, SamplingParams
-from rlreason.runlog import COMPLETIONS, EVALS, METRICS, RunLog, read_jsonl, truncate_after
-from rlreason.scoring import resolve_rewards, score
+from rlreason.reasoning import Milestones, length_stats, reasoning_stats, task_accuracy, token_counter
+from rlreason.rollout import HFEngine, Rollout, SamplingParams, concat_rollouts
+from rlreason.runlog import COMPLETIONS, EVALS, METRICS, Progress, RunLog, read_jsonl, truncate_after
+from rlreason.scoring import Scores, resolve_rewards, score
 from tasks.registry import load_task
 
 log = logging.getLogger(__name__)
@@ -130,16 +138,16 @@ class Trainer:
             if cfg.sft.data and cfg.sft.steps > 0:
                 self.run_sft()
                 self.evaluate("sft")
-        bar = tqdm(total=cfg.train.steps, initial=self.step, desc="grpo", disable=not (cfg.run.progress and self.is_main))
+        milestones = Milestones(cfg.run.milestones, read_jsonl(self.run_dir / METRICS))
+        progress = Progress(cfg.train.steps, self.step, cfg.run.progress, cfg.run.log_every, milestones, self.is_main)
         while self.step < cfg.train.steps:
             metrics = self.train_step()
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            progress.update(metrics)
             if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.train.steps:
                 self.evaluate("grpo")
             if cfg.run.save_every and self.step % cfg.run.save_every == 0:
                 self.save_checkpoint()
-        bar.close()
+        progress.close()
         self.save_checkpoint()
         self.evaluate("final")
         self.runlog.close()
@@ -152,20 +160,19 @@ class Trainer:
         return sft.run_sft(self.model, self.tokenizer, conversations, cfg.sft, self.accelerator, cfg.train.seed, cfg.run.progress and self.is_main)
 
     def train_step(self) -> dict[str, Any]:
-        cfg, tr = self.config, self.config.train
+        cfg = self.config
         P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
         t0 = time.perf_counter()
-        rows = [self.train_data[i] for i in self.stream.take(P)]
-        rollout = self.engine.generate(encode_prompts(self.tokenizer, rows), G, self.sampling)
-        t_generate = time.perf_counter()
+        rows, rollout, scores, sampling = self._sample_groups(P, G)
+        t_generate = time.perf_counter() - sampling.pop("time_score")
 
         samples = [row for row in rows for _ in range(G)]
-        scores = score(rollout.texts, samples, self.rewards)
         rewards = torch.tensor(scores.total, dtype=torch.float32).view(P, G)
-        advantages = group_advantages(rewards, scale=tr.scale_rewards).flatten()
         t_score = time.perf_counter()
 
-        stats = self.optimize(rollout, advantages)
+        frozen = self._frozen_pass(rollout)
+        advantages, shaping = self._advantages(rewards, rollout, frozen)
+        stats = {**sampling, **shaping, **self.optimize(rollout, advantages, frozen)}
         t_end = time.perf_counter()
         self.step += 1
 
@@ -177,10 +184,10 @@ class Trainer:
             "reward_std": float(scores.total.std()),
             **{f"rewards/{name}": value for name, value in scores.means().items()},
             "accuracy": float(np.nanmean(first)) if not np.isnan(first).all() else 0.0,
+            **task_accuracy([s.get("task") for s in samples], first),
             "zero_std_groups": float((rewards.std(dim=1) == 0).float().mean()),
-            "completion_length": float(lengths.mean()),
-            "completion_length_max": float(lengths.max()),
-            "truncated_fraction": float(rollout.truncated.float().mean()),
+            **length_stats(lengths.tolist(), rollout.truncated.tolist()),
+            **reasoning_stats(rollout.texts, lengths.tolist(), cfg.run.reflection_phrases, token_counter(self.tokenizer)),
             **stats,
             "lr": self.scheduler.get_last_lr()[0],
             "reward_failures": sum(scores.failures.values()),
@@ -195,6 +202,7 @@ class Trainer:
             [
                 {
                     "step": self.step,
+                    "task": sample.get("task"),
                     "prompt": sample["prompt"][-1]["content"],
                     "answer": sample.get("answer"),
                     "completion": text,
@@ -211,14 +219,89 @@ class Trainer:
         )
         return metrics
 
-    def optimize(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
-        """``num_iterations`` optimizer steps over the batch, each accumulating gradients over micro-batches."""
+    def _sample_groups(self, P: int, G: int) -> tuple[list[dict[str, Any]], Rollout, Scores, dict[str, float]]:
+        """P prompts (rows), G scored completions each, and the sampling stats.
+
+        With ``train.dynamic_sampling`` (DAPO) a group whose rewards are all equal has zero advantage and teaches
+        nothing: it is dropped and prompts are sampled for the missing groups, for at most ``max_sampling_rounds``
+        rounds; a batch still short then is filled with dropped groups, so it always holds P groups.
+        """
         tr = self.config.train
+        kept, dropped, rounds, score_time = [], [], 0, 0.0
+        while len(kept) < P and rounds < (tr.max_sampling_rounds if tr.dynamic_sampling else 1):
+            rounds += 1
+            rows = [self.train_data[i] for i in self.stream.take(P - len(kept))]
+            rollout = self.engine.generate(encode_prompts(self.tokenizer, rows), G, self.sampling)
+            start = time.perf_counter()
+            scores = score(rollout.texts, [row for row in rows for _ in range(G)], self.rewards, self.config.run.reward_timeout)
+            score_time += time.perf_counter() - start
+            if not tr.dynamic_sampling:
+                return rows, rollout, scores, {"time_score": score_time}
+            flat = zero_variance_groups(torch.tensor(scores.total).view(len(rows), G))
+            for g, row in enumerate(rows):
+                (dropped if flat[g] else kept).append((row, rollout, scores, range(g * G, g * G + G)))
+        refill = dropped[: P - len(kept)]
+        batch = kept + refill
+        failures: dict[str, int] = {}
+        for part in {id(s): s for *_, s, _ in kept + dropped}.values():
+            for name, count in part.failures.items():
+                failures[name] = failures.get(name, 0) + count
+        scores = Scores(
+            batch[0][2].names,
+            np.concatenate([s.columns[list(r)] for *_, s, r in batch]),
+            np.concatenate([s.total[list(r)] for *_, s, r in batch]),
+            failures,
+        )
+        rollout = concat_rollouts([(r, list(idx)) for _, r, _, idx in batch], self.tokenizer.pad_token_id)
+        stats = {
+            "dynamic_sampling/rounds": rounds,
+            "dynamic_sampling/dropped_groups": len(dropped),
+            "dynamic_sampling/refilled_groups": len(refill),
+        }
+        return [row for row, *_ in batch], rollout, scores, {**stats, "time_score": score_time}
+
+    def _frozen_pass(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """What the step needs from models that are not being updated, computed once per batch: the sampling
+        policy's log-probs and entropy ("old", "entropy": for num_iterations > 1, the KL in the reward, the
+        top-entropy tokens) and the reference's log-probs ("ref")."""
+        tr, frozen = self.config.train, {}
+        if tr.num_iterations > 1 or tr.kl_in_reward or tr.top_entropy_quantile < 1:
+            frozen["old"], frozen["entropy"] = self._frozen_logprobs(self.model, rollout)
+        if self.reference is not None:
+            frozen["ref"], _ = self._frozen_logprobs(self.reference, rollout)
+        return frozen
+
+    def _advantages(self, rewards: torch.Tensor, rollout: Rollout, frozen: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Rewards [P, G] -> one advantage per completion [P * G], after the reward shaping the config asks for."""
+        tr, stats = self.config.train, {}
+        mask = rollout.completion_mask.float()
+        if tr.overlong == "soft":  # DAPO's soft overlong punishment
+            penalty = overlong_penalty(mask.sum(dim=1), self.config.rollout.max_new_tokens, tr.overlong_buffer)
+            rewards = rewards + penalty.view_as(rewards)
+            stats.update({"overlong/penalized": int((penalty < 0).sum()), "overlong/penalty": float(penalty.mean())})
+        if tr.kl_in_reward:  # KL folded into the reward instead of the loss
+            kl = kl_divergence(frozen["old"], frozen["ref"], tr.kl_estimator)
+            rewards = kl_penalised_rewards(rewards, kl, mask, tr.beta)
+            stats["kl"] = float(masked_mean(kl, mask))
+        return compute_advantages(rewards, tr.advantage, tr.scale_rewards).flatten(), stats
+
+    def optimize(self, rollout: Rollout, advantages: torch.Tensor, frozen: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """``num_iterations`` optimizer steps over the batch, each accumulating gradients over micro-batches.
+
+        ``frozen`` is ``_frozen_pass(rollout)`` (computed here when not given).
+        """
+        tr = self.config.train
+        frozen = self._frozen_pass(rollout) if frozen is None else frozen
         temperature = self.config.rollout.temperature
-        weights = grpo_token_weights(rollout.completion_mask.float())
-        micro_batches = [slice(s, s + tr.micro_batch_size) for s in range(0, len(advantages), tr.micro_batch_size)]
-        old = self._frozen_logprobs(self.model, rollout, micro_batches) if tr.num_iterations > 1 else None
-        ref = self._frozen_logprobs(self.reference, rollout, micro_batches) if self.reference is not None else None
+        # Which tokens train and how much each weighs: once per batch, so that the micro-batches add up.
+        loss_mask = rollout.completion_mask.float()
+        if tr.overlong == "mask":  # DAPO's overlong filtering: truncated completions are left out of the loss
+            loss_mask = loss_mask * ~rollout.truncated.unsqueeze(1)
+        weights = token_weights(loss_mask, tr.loss_type, self.config.rollout.max_new_tokens)
+        if tr.top_entropy_quantile < 1:  # only the batch's highest-entropy tokens train
+            weights = weights * high_entropy_mask(frozen["entropy"], loss_mask, tr.top_entropy_quantile)
+        kl_in_loss = tr.beta > 0 and not tr.kl_in_reward
+        micro_batches = self._micro_batches(len(advantages))
         totals: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "ratio": [], "entropy": [], "kl": [], "grad_norm": []}
         self.model.train()
         for _ in range(tr.num_iterations):
@@ -226,18 +309,37 @@ class Trainer:
                 batch = self._micro_batch(rollout, mb)
                 sync = i == len(micro_batches) - 1
                 with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
-                    logprobs, entropy = completion_logprobs(self.model, *batch, temperature=temperature)
-                    width = logprobs.shape[1]
-                    old_lp = old[mb][:, :width].to(logprobs.device) if old is not None else logprobs.detach()
-                    ref_lp = ref[mb][:, :width].to(logprobs.device) if ref is not None else None
-                    per_token, stats = clipped_surrogate(logprobs, old_lp, advantages[mb].to(logprobs.device), tr.epsilon, tr.beta, ref_lp)
-                    loss = (per_token * weights[mb][:, :width].to(logprobs.device)).sum()
+                    logprobs, entropy = completion_logprobs(self.model, *batch, temperature=temperature, entropy_grad=tr.entropy_coef != 0)
+                    width, device = logprobs.shape[1], logprobs.device
+                    mask = batch[3].to(logprobs.dtype)
+                    # one pass over a batch sampled from this very policy: the ratio is exactly 1, nothing clips
+                    old_lp = frozen["old"][mb, :width].to(device) if tr.num_iterations > 1 else logprobs.detach()
+                    per_token, stats = policy_loss(
+                        logprobs,
+                        old_lp,
+                        advantages[mb].to(device),
+                        mask,
+                        importance_sampling=tr.importance_sampling,
+                        epsilon_low=tr.epsilon,
+                        epsilon_high=tr.epsilon_high,
+                        dual_clip=tr.dual_clip,
+                        beta=tr.beta if kl_in_loss else 0.0,
+                        ref_logprobs=frozen["ref"][mb, :width].to(device) if kl_in_loss else None,
+                        kl_estimator=tr.kl_estimator,
+                        entropy=entropy,
+                        entropy_coef=tr.entropy_coef,
+                    )
+                    w = weights[mb, :width].to(device)
+                    loss = (per_token * w).sum()
                     self.accelerator.backward(loss)
-                mask = batch[3].float()
+                trained = (w > 0).float()
                 totals["loss"].append(loss.item())
-                totals["clip_fraction"].append(float(masked_mean(stats["clipped"].float(), mask)))
+                for name in ("clipped", "clipped_low", "clipped_high", "clipped_dual"):
+                    if name in stats:
+                        key = name.replace("clipped", "clip_fraction")
+                        totals.setdefault(key, []).append(float(masked_mean(stats[name].float(), trained)))
                 totals["ratio"].append(float(masked_mean(stats["ratio"], mask)))
-                totals["entropy"].append(float(masked_mean(entropy, mask)))
+                totals["entropy"].append(float(masked_mean(entropy.detach(), mask)))
                 if "kl" in stats:
                     totals["kl"].append(float(masked_mean(stats["kl"], mask)))
             if tr.max_grad_norm > 0:
@@ -247,7 +349,22 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         out = {k: float(np.mean(v)) for k, v in totals.items() if v}
         out["loss"] = float(np.sum(totals["loss"])) / tr.num_iterations
+        if tr.overlong == "mask" or tr.top_entropy_quantile < 1:
+            out["trained_token_fraction"] = float((weights > 0).sum() / rollout.completion_mask.sum().clamp(min=1))
+        if tr.overlong == "mask":
+            out["overlong/masked"] = int(rollout.truncated.sum())
+        if tr.ref_update_every and (self.step + 1) % tr.ref_update_every == 0:  # self.step + 1: the step ending now
+            self._refresh_reference()
         return out
+
+    def _micro_batches(self, n: int) -> list[slice]:
+        size = self.config.train.micro_batch_size
+        return [slice(s, s + size) for s in range(0, n, size)]
+
+    @torch.no_grad()
+    def _refresh_reference(self) -> None:
+        """Reset the reference to the current policy (``train.ref_update_every``)."""
+        self.reference.load_state_dict(self.accelerator.unwrap_model(self.model).state_dict())
 
     def _micro_batch(self, rollout: Rollout, rows: slice) -> tuple[torch.Tensor, ...]:
         """The rows' tensors on the device, with columns that are padding in every row cut away."""
@@ -263,21 +380,22 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def _frozen_logprobs(self, model: Any, rollout: Rollout, micro_batches: list[slice]) -> torch.Tensor:
-        """Log-probs of the batch under a model that is not being updated now (old policy or reference)."""
+    def _frozen_logprobs(self, model: Any, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropy of the batch under a model that is not being updated now (old policy or reference)."""
         out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32)
-        for mb in micro_batches:
-            logprobs, _ = completion_logprobs(model, *self._micro_batch(rollout, mb), temperature=self.config.rollout.temperature)
+        entropy = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32)
+        for mb in self._micro_batches(len(rollout.texts)):
+            with self.accelerator.autocast():  # the reference is not prepared: give it the policy's precision
+                logprobs, ent = completion_logprobs(model, *self._micro_batch(rollout, mb), temperature=self.config.rollout.temperature)
             out[mb, : logprobs.shape[1]] = logprobs.float().cpu()
-        return out
+            entropy[mb, : ent.shape[1]] = ent.float().cpu()
+        return out, entropy
 
     # ---------------------------------------------------------------- evaluation
 
     def evaluate(self, stage: str) -> dict[str, Any]:
         """Greedy accuracy on the held-out split; logged to evals.jsonl with its samples."""
-        run = self.config.run
-        max_new = run.eval_max_new_tokens or self.config.rollout.max_new_tokens
-        result = evaluate(self.engine, self.tokenizer, self.eval_data, self.rewards, max_new, run.eval_batch_size)
+        result = evaluate_config(self.config, self.engine, self.tokenizer, self.eval_data, self.rewards)
         self.runlog.evaluation({"step": self.step, "stage": stage, **result})
         if self.is_main:
             tqdm.write(f"[eval {stage} @ step {self.step}] held-out accuracy {result['accuracy']:.3f} on {result['num_prompts']} prompts")
@@ -301,6 +419,8 @@ class Trainer:
         if self.is_main:
             shutil.rmtree(partial, ignore_errors=True)
             self.accelerator.unwrap_model(self.model).save_pretrained(partial / "model")
+            if self.reference is not None and self.config.train.ref_update_every:  # the reference moves: keep it
+                self.reference.save_pretrained(partial / "reference")
             self.tokenizer.save_pretrained(partial / "model")
             torch.save(
                 {
@@ -334,6 +454,8 @@ class Trainer:
             return None
         weights = AutoModelForCausalLM.from_pretrained(checkpoint / "model").state_dict()
         self.accelerator.unwrap_model(self.model).load_state_dict(weights)
+        if self.reference is not None and (checkpoint / "reference").is_dir():
+            self.reference.load_state_dict(AutoModelForCausalLM.from_pretrained(checkpoint / "reference").state_dict())
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

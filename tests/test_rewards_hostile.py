@@ -26,17 +26,25 @@ GOOD = "def f(x):\n    return 2 * x\n"
 TESTS = ["assert f(2) == 4", "assert f(5) == 10"]
 
 
-def sandbox_processes() -> list[str]:
-    """PIDs of live processes running under a sandbox job uid: there must be none between jobs."""
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
+def sandbox_processes() -> list[int]:
+    """Live processes started by this test process's sandboxes and running as a job: none between jobs."""
+    parents, uids = {}, {}
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            uid_line = next(line for line in status.read_text().splitlines() if line.startswith("Uid:"))
-        except (OSError, StopIteration):
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            uids[int(proc.name)] = int(next(line for line in (proc / "status").read_text().splitlines()
+                                            if line.startswith("Uid:")).split()[1])
+        except (OSError, StopIteration, IndexError):
             continue
-        if int(uid_line.split()[1]) >= JOB_UID_BASE:
-            found.append(status.parent.name)
-    return found
+
+    def descends_from_us(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return [pid for pid, uid in uids.items() if uid >= JOB_UID_BASE and descends_from_us(pid)]
 
 
 def score(program: str, tests: list[str] = TESTS, timeout: float = TIMEOUT_S) -> float:

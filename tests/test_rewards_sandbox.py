@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from rewards.sandbox import Job, Limits, SandboxError, SandboxPool, parse_results
+from rewards.zygote import JOB_UID_BASE
 
 ECHO = "tests.sandbox_jobs:echo"
 
@@ -60,6 +65,27 @@ def test_a_dead_zygote_is_replaced(pool):
     for zygote in list(pool._idle.queue):
         zygote.process.kill()
     assert pool.run(Job(ECHO, {"items": [True]})).results == [True]
+
+
+def test_a_zygote_killed_mid_job_takes_the_job_with_it(pool):
+    pool.map([Job(ECHO, {"items": []})] * 2)
+    zygotes = [z.process.pid for z in pool._idle.queue]
+    job_uids = {str(JOB_UID_BASE + pid) for pid in zygotes}
+    threading.Timer(0.3, lambda: [os.kill(pid, signal.SIGKILL) for pid in zygotes]).start()
+    alive_after_kill = []
+    threading.Timer(0.8, lambda: alive_after_kill.extend(  # zombies are dead already
+        fields for fields in map(_status, Path("/proc").glob("[0-9]*/status"))
+        if fields.get("Uid", "0").split()[0] in job_uids and not fields["State"].startswith("Z"))).start()
+    outcomes = pool.map([Job(ECHO, {"items": [True], "sleep": 1.5})] * 2)  # rerun once on fresh zygotes
+    assert [o.results for o in outcomes] == [[True], [True]]
+    assert alive_after_kill == []
+
+
+def _status(path: Path) -> dict[str, str]:
+    try:
+        return dict(line.split(":\t", 1) for line in path.read_text().splitlines() if ":\t" in line)
+    except OSError:
+        return {}
 
 
 def boot_with(patch: str) -> str:

@@ -1,0 +1,56 @@
+"""Combining rewards: weights, None, and verifiers that raise, return garbage or hang."""
+
+import time
+
+import numpy as np
+
+from rlreason.scoring import WeightedReward, score
+
+COMPLETIONS = ["a", "bb", "ccc"]
+SAMPLES = [{"task": "x"}, {"task": "y"}, {"task": "x"}]
+
+
+def length(completions, samples):
+    return [float(len(c)) for c in completions]
+
+
+def only_x(completions, samples):
+    return [1.0 if s["task"] == "x" else None for s in samples]
+
+
+def test_weighted_total_skips_none():
+    scores = score(COMPLETIONS, SAMPLES, [WeightedReward("len", 0.5, length), WeightedReward("x", 2.0, only_x)])
+    assert scores.total.tolist() == [0.5 + 2.0, 1.0, 1.5 + 2.0]
+    assert np.isnan(scores.columns[1, 1])
+    assert scores.means() == {"len": 2.0, "x": 1.0}
+    assert scores.failures == {}
+
+
+def test_raising_wrong_length_and_nonfinite_rewards_score_zero_and_are_counted():
+    def boom(completions, samples):
+        raise RuntimeError("verifier bug")
+
+    def short(completions, samples):
+        return [1.0]
+
+    def infinite(completions, samples):
+        return [float("inf"), 1.0, float("nan")]
+
+    rewards = [WeightedReward("boom", 1.0, boom), WeightedReward("short", 1.0, short), WeightedReward("inf", 1.0, infinite)]
+    scores = score(COMPLETIONS, SAMPLES, rewards)
+    assert scores.failures == {"boom": 3, "short": 3, "inf": 1}
+    assert scores.columns[:, :2].tolist() == [[0.0, 0.0]] * 3
+    assert scores.columns[0, 2] == 0.0 and scores.columns[1, 2] == 1.0
+    assert np.isnan(scores.columns[2, 2])  # NaN is how None is stored: "does not apply"
+
+
+def test_hanging_reward_times_out_and_the_next_call_still_works():
+    def hang(completions, samples):
+        time.sleep(30)
+        return [1.0] * len(completions)
+
+    start = time.perf_counter()
+    scores = score(COMPLETIONS, SAMPLES, [WeightedReward("hang", 1.0, hang), WeightedReward("len", 1.0, length)], timeout=0.5)
+    assert time.perf_counter() - start < 5
+    assert scores.failures == {"hang": 3} and scores.total.tolist() == [1.0, 2.0, 3.0]
+    assert score(COMPLETIONS, SAMPLES, [WeightedReward("len", 1.0, length)], timeout=0.5).total.tolist() == [1.0, 2.0, 3.0]
