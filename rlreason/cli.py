@@ -1,4 +1,4 @@
-"""``rlreason train|eval|sft|traces|inspect``: the command line.
+"""``rlreason train|eval|sft|sample|distill|traces|inspect``: the command line.
 
 A bad config exits with code 2 and one line per problem, before any model is loaded.
 """
@@ -14,15 +14,16 @@ from rlreason.config import Config, ConfigError, load_config
 
 
 def _config_from(target: str, overrides: list[str]) -> tuple[Config, Path | None]:
-    """A config from a YAML file, or from a run directory's saved config plus its latest checkpoint's weights."""
+    """A config from a YAML file, or from a run directory's saved config plus its latest weights (its newest
+    checkpoint, else the model ``rlreason sft`` saved)."""
     path = Path(target)
     if path.is_dir():
-        from rlreason.trainer import latest_checkpoint
+        from rlreason.distill import run_model
 
         if not (path / "config.yaml").is_file():
             raise ConfigError([f"{path} is a directory without config.yaml, so it is not a run directory"])
-        checkpoint = latest_checkpoint(path)
-        extra = [f"model.name={checkpoint / 'model'}"] if checkpoint else []
+        model, _ = run_model(path)
+        extra = [f"model.name={model}"] if model else []
         return load_config(path / "config.yaml", extra + overrides), path
     return load_config(path, overrides), None
 
@@ -64,18 +65,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
-    from rlreason.trainer import Trainer
+def _print_sft(result: dict) -> None:
+    accuracy = " -> ".join(f"{stage} {value:.3f}" for stage, value in result["accuracy"].items())
+    print(f"sft: loss {result['loss'][0]:.3f} -> {result['loss'][1]:.3f}; held-out accuracy {accuracy}")
+    print(f"model saved to {result['model']}")
 
-    config = load_config(args.config, args.overrides)
-    if not config.sft.data or config.sft.steps < 1:
-        raise ConfigError(["sft.data and sft.steps >= 1 are needed to run sft"])
-    trainer = Trainer(config)
-    losses = trainer.run_sft()
-    out = trainer.run_dir / "sft-model"
-    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out)
-    trainer.tokenizer.save_pretrained(out)
-    print(f"sft: loss {losses[0]:.3f} -> {losses[-1]:.3f}; model saved to {out}")
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from rlreason.distill import fine_tune
+
+    _print_sft(fine_tune(load_config(args.config, args.overrides)))
+    return 0
+
+
+def _print_sample(stats: dict) -> None:
+    print(f"teacher  {stats['model']}" + (f" (step {stats['step']})" if stats["step"] is not None else ""))
+    print(f"sampled  {stats['completions']} completions of {stats['prompts']} train prompts")
+    print(f"verified {stats['verified']} ({stats['verified'] / max(stats['completions'], 1):.3f}); truncated {stats['truncated']}")
+    print(f"kept     {stats['kept']} completions of {stats['prompts_kept']} prompts -> {stats['out']}")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from rlreason.distill import SAMPLES_FILE, rejection_sample, run_model
+
+    extra = [f"sample.{key}={value}" for key, value in (("n", args.n), ("keep", args.keep)) if value is not None]
+    config, run_dir = _config_from(args.target, extra + args.overrides)
+    if args.task and args.task != config.task.name:  # the saved task's options would not fit another task
+        config, run_dir = _config_from(args.target, [f"task.name={args.task}", "task.options={}", *extra, *args.overrides])
+    step = run_model(run_dir)[1] if run_dir else None
+    out = Path(args.out or config.sample.out or (run_dir or Path(config.run.output_dir)) / SAMPLES_FILE)
+    _print_sample(rejection_sample(config, out, step))
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from rlreason.distill import distill
+
+    result = distill(load_config(args.config, args.overrides))
+    _print_sample(result["sample"])
+    _print_sft(result)
     return 0
 
 
@@ -135,10 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("target", help="config YAML or run directory")
     ev.add_argument("overrides", nargs="*")
     ev.set_defaults(func=cmd_eval)
-    sft = sub.add_parser("sft", help="supervised fine-tuning on sft.data (a JSONL of chat traces)")
+    sft = sub.add_parser("sft", help="supervised fine-tuning on sft.data (a JSONL of chat traces), held-out eval before and after")
     sft.add_argument("config")
     sft.add_argument("overrides", nargs="*")
     sft.set_defaults(func=cmd_sft)
+    sample = sub.add_parser("sample", help="rejection sampling: n completions per train prompt, verified ones kept as SFT data")
+    sample.add_argument("target", help="config YAML or run directory (its latest checkpoint)")
+    sample.add_argument("overrides", nargs="*", help="key=value, e.g. sample.keep=shortest")
+    sample.add_argument("--task", help="task to take train prompts from (default: the config's)")
+    sample.add_argument("--n", type=int, help="completions per prompt (default: sample.n)")
+    sample.add_argument("--keep", choices=("all", "best", "shortest"), help="verified completions kept per prompt (default: sample.keep)")
+    sample.add_argument("--out", help="the chat JSONL written (default: sample.out, else samples.jsonl in the run directory)")
+    sample.set_defaults(func=cmd_sample)
+    distill = sub.add_parser("distill", help="sample.teacher -> rejection sampling -> SFT of model.name -> held-out eval")
+    distill.add_argument("config")
+    distill.add_argument("overrides", nargs="*")
+    distill.set_defaults(func=cmd_distill)
     traces = sub.add_parser("traces", help="write a task's worked solutions as chat JSONL for the cold start")
     traces.add_argument("--task", required=True)
     traces.add_argument("--n", type=int, default=1000)

@@ -70,7 +70,9 @@ class RolloutConfig:
     top_k: int = 0
     """0 disables top-k filtering."""
     engine: str = "hf"
-    """Rollout engine: "hf" (transformers ``generate``, the reference path)."""
+    """Rollout engine: "hf" (transformers ``generate``, the reference path) or "fast" (rlreason.fast_rollout: each
+    prompt prefilled once for its group, static KV cache, CUDA graphs on a GPU, log-probs recorded while sampling;
+    Llama, Mistral, Qwen2 and Qwen3 models; the same tokens as "hf" for the same seeds)."""
 
 
 @dataclass
@@ -141,6 +143,13 @@ class TrainConfig:
     bf16: str = "auto"
     """"auto" (bf16 autocast where the hardware supports it), "true" or "false"."""
     gradient_checkpointing: bool = False
+    packing: bool = False
+    """Lay each micro-batch's sequences end to end in unpadded rows for the log-prob passes (attention kept inside a
+    sequence by its position ids); the same loss and gradients as padded rows (tests/test_logprobs.py)."""
+    rollout_logprobs: bool = False
+    """Use the log-probs the "fast" engine recorded while sampling as the old policy's (num_iterations > 1,
+    kl_in_reward) instead of a separate forward pass; they differ from a fresh pass by the engine's arithmetic
+    (~1e-6 in float32, ~1e-2 in bf16). Needs rollout.engine "fast"."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -154,8 +163,37 @@ class SFTConfig:
     """JSONL of chat traces (``{"messages": [...]}`` per line); when set, ``train`` runs this cold start first."""
     steps: int = 0
     batch_size: int = 8
+    """Conversations per optimizer step."""
     learning_rate: float = 1e-5
     warmup_steps: int = 0
+    pack: bool = True
+    """Lay a step's conversations end to end in rows of up to pack_length tokens instead of padding each to the
+    longest; attention never crosses conversations, so the loss equals the padded one (tests/test_sft.py)."""
+    pack_length: int = 2048
+    """Tokens per packed row; a longer conversation gets a row of its own (nothing is cut)."""
+
+
+@dataclass
+class SampleConfig:
+    """Rejection sampling (``rlreason sample`` / ``distill``): n completions per train prompt, verified ones kept."""
+
+    teacher: str | None = None
+    """For ``rlreason distill``: the teacher's run directory (its latest checkpoint) or a model as in model.name."""
+    n: int = 8
+    """Completions sampled per prompt."""
+    keep: str = "all"
+    """Which verified completions of a prompt become data: "all" (every distinct one), "best" (the highest total
+    reward: best-of-n) or "shortest"."""
+    prompts: int = 0
+    """Train-split prompts to sample from; 0: task.train_size."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 0
+    """0: rollout.max_new_tokens. Completions cut at this length are never kept."""
+    batch_size: int = 64
+    """Completions per generate call."""
+    out: str | None = None
+    """The chat JSONL written; default samples.jsonl in the run directory (``sample``) or run.output_dir."""
 
 
 REFLECTION_PHRASES = [
@@ -238,6 +276,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -366,8 +405,10 @@ def validate(config: Config) -> list[str]:
         problems.append("rollout.temperature: must be > 0 (sampling needs randomness for a group to differ)")
     if not 0 < ro.top_p <= 1:
         problems.append("rollout.top_p: must be in (0, 1]")
-    if ro.engine != "hf":
-        problems.append(f"rollout.engine: unknown engine {ro.engine!r}; available: 'hf'")
+    if ro.engine not in ("hf", "fast"):
+        problems.append(f"rollout.engine: unknown engine {ro.engine!r}; available: 'hf', 'fast'")
+    if tr.rollout_logprobs and ro.engine != "fast":
+        problems.append("train.rollout_logprobs: needs rollout.engine 'fast' (the 'hf' engine records no log-probs)")
     batch = ro.prompts_per_step * ro.group_size
     if tr.micro_batch_size < 1 or batch % tr.micro_batch_size:
         problems.append(
@@ -407,6 +448,29 @@ def validate(config: Config) -> list[str]:
         problems.append(f"task.name: {exc.args[0]}")
     if config.sft.data is not None and config.sft.steps > 0 and not Path(config.sft.data).is_file():
         problems.append(f"sft.data: file {config.sft.data!r} does not exist")
+    for name, threshold in config.run.milestones.items():
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+            problems.append(f"run.milestones.{name}: the threshold must be a number, got {threshold!r}")
+    if config.sft.pack_length < 1:
+        problems.append("sft.pack_length: must be >= 1")
+    problems += _sample_problems(config.sample)
+    return problems
+
+
+def _sample_problems(sc: SampleConfig) -> list[str]:
+    problems = []
+    if sc.keep not in ("all", "best", "shortest"):
+        problems.append(f"sample.keep: must be one of 'all', 'best', 'shortest', got {sc.keep!r}")
+    for name in ("n", "batch_size"):
+        if getattr(sc, name) < 1:
+            problems.append(f"sample.{name}: must be >= 1")
+    for name in ("prompts", "max_new_tokens"):
+        if getattr(sc, name) < 0:
+            problems.append(f"sample.{name}: must be >= 0 (0: the default)")
+    if sc.temperature <= 0:
+        problems.append("sample.temperature: must be > 0")
+    if not 0 < sc.top_p <= 1:
+        problems.append("sample.top_p: must be in (0, 1]")
     return problems
 
 

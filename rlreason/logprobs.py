@@ -1,9 +1,20 @@
-"""Per-token log-probabilities of completions under a model, the quantity every policy loss is built from."""
+"""Per-token log-probabilities of completions under a model, the quantity every policy loss is built from.
+
+Lean by construction: the vocabulary projection runs only on the positions that predict a completion token (not on
+prompts or padding), in chunks of tokens, each recomputed in the backward pass (activation checkpointing of the
+head alone), so no float32 [batch, length, vocab] tensor is ever materialised; with ``packing`` the rows of a
+micro-batch are laid end to end (no padding) and attention is kept inside each row by its position ids.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
+
+CHUNK_BYTES = 1 << 28
+"""Float32 logits per chunk of the vocabulary projection (256 MiB): tokens per chunk = CHUNK_BYTES / (4 x vocab)."""
 
 
 def completion_logprobs(
@@ -14,14 +25,137 @@ def completion_logprobs(
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
     entropy_grad: bool = False,
+    packing: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(completion token | prefix) at ``temperature`` [N, Lc], and the per-token entropy (detached unless
-    ``entropy_grad``, which an entropy bonus needs).
+    ``entropy_grad``, which an entropy bonus needs). Both are 0 where ``completion_mask`` is 0.
 
     The logits are divided by the sampling temperature so that the ratio against the sampling policy is 1 when
     nothing changed. Position ids follow the attention mask, as in ``generate``, so left padding does not shift
-    the prompt's positions. Logits are computed for completion positions only (``logits_to_keep``).
+    the prompt's positions. ``packing`` gives the same values (up to float error; tests/test_logprobs.py) from
+    fewer, unpadded rows.
     """
+    inner = getattr(model, "module", model)  # DDP / accelerate wrappers; the call itself goes through ``model``
+    base = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if base is None or not isinstance(head, torch.nn.Linear) or _scales_logits(inner.config):
+        if packing:
+            raise ValueError(f"train.packing: not supported for {type(inner).__name__}")
+        return _full_logits_path(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, entropy_grad)
+
+    if packing:
+        ids, positions, rows, cols = _pack(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        hidden, autocast = _final_hidden(model, base, input_ids=ids, position_ids=positions, attention_mask=None)
+    else:
+        ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        hidden, autocast = _final_hidden(model, base, input_ids=ids, position_ids=positions, attention_mask=mask)
+        rows, cols = completion_mask.nonzero(as_tuple=True)
+        cols = cols + prompt_ids.shape[1] - 1  # the position before a completion token predicts it
+    targets = completion_ids[completion_mask.bool()]
+    with torch.autocast(hidden.device.type, dtype=autocast[1], enabled=autocast[0]):
+        lp, ent = _head_logprobs(hidden[rows, cols], head.weight, head.bias, targets, temperature, entropy_grad)
+    token_logprobs = torch.zeros(completion_ids.shape, dtype=lp.dtype, device=lp.device)
+    entropy = torch.zeros(completion_ids.shape, dtype=ent.dtype, device=ent.device)
+    where = completion_mask.bool()
+    return token_logprobs.masked_scatter(where, lp), entropy.masked_scatter(where, ent)
+
+
+def _scales_logits(config) -> bool:
+    """Models whose logits are more than ``lm_head(hidden)`` (soft-capping, scaling) take the plain path."""
+    return any(getattr(config, name, None) not in (None, 1.0) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+
+
+def _final_hidden(model, base, **inputs) -> tuple[torch.Tensor, tuple[bool, torch.dtype]]:
+    """The decoder's last hidden states (after its final norm), computed through ``model`` itself so that
+    wrappers (DDP's gradient hooks, accelerate's autocast) still apply; the head runs on one position only."""
+    seen: dict[str, object] = {}
+
+    def grab(module, args, output):
+        seen["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        device = seen["hidden"].device.type
+        seen["autocast"] = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+    handle = base.register_forward_hook(grab)
+    try:
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return seen["hidden"], seen["autocast"]
+
+
+def _head_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, temperature: float, entropy_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T] log-probabilities of ``targets`` and entropies from [T, H] hidden states, a chunk of tokens at a time."""
+    chunk = max(16, CHUNK_BYTES // (4 * weight.shape[0]))
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    lps, ents = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        args = (hidden[start : start + chunk], weight, bias, targets[start : start + chunk], temperature, entropy_grad)
+        lp, ent = checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args)
+        lps.append(lp)
+        ents.append(ent)
+    if not lps:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(lps), torch.cat(ents)
+
+
+def _chunk(hidden, weight, bias, targets, temperature: float, entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = F.linear(hidden, weight, bias).float() / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    token = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return token, entropy
+
+
+def _pack(prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Lay each row's real tokens (prompt, then completion) end to end, first-fit by decreasing length into rows
+    no longer than the longest sequence; position ids restart at 0 for each sequence, which is how transformers
+    keeps attention inside a sequence without an attention mask. Returns ids and positions [R, C] and, for every
+    completion token (row-major order of ``completion_mask``), the (row, column) of the position predicting it."""
+    device = prompt_ids.device
+    p_len, c_len = prompt_mask.sum(dim=1).tolist(), completion_mask.sum(dim=1).tolist()
+    lengths = [p + c for p, c in zip(p_len, c_len, strict=True)]
+    capacity = max(lengths)
+    bins: list[list[int]] = []
+    space: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(space):
+            if free >= lengths[i]:
+                bins[b].append(i)
+                space[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            space.append(capacity - lengths[i])
+    ids = torch.zeros(len(bins), capacity, dtype=prompt_ids.dtype, device=device)
+    positions = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)
+    where = torch.zeros(len(lengths), 2, dtype=torch.long)  # (packed row, start column) of each original row
+    for r, members in enumerate(bins):
+        at = 0
+        for i in members:
+            tokens = torch.cat([prompt_ids[i][prompt_mask[i].bool()], completion_ids[i][completion_mask[i].bool()]])
+            ids[r, at : at + lengths[i]] = tokens
+            positions[r, at : at + lengths[i]] = torch.arange(lengths[i], device=device)
+            where[i] = torch.tensor([r, at])
+            at += lengths[i]
+        # the padding at the end of a row is one more sequence of its own (positions from 0): it attends only itself
+        positions[r, at:] = torch.arange(capacity - at, device=device)
+    rows_of, cols_of = [], []
+    for i in range(len(lengths)):
+        r, start = where[i].tolist()
+        first = start + p_len[i] - 1  # predicts completion token 0
+        rows_of += [r] * c_len[i]
+        cols_of += range(first, first + c_len[i])
+    return ids, positions, torch.tensor(rows_of, device=device, dtype=torch.long), torch.tensor(cols_of, device=device, dtype=torch.long)
+
+
+def _full_logits_path(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, entropy_grad):
+    """The plain computation (full logits of the completion positions), for models whose head is not a Linear."""
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -32,4 +166,5 @@ def completion_logprobs(
     token_logprobs = logprobs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return token_logprobs, entropy
+    keep = completion_mask.to(token_logprobs.dtype)
+    return token_logprobs * keep, entropy * keep

@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rlreason.sampling import sample
 
 
 @dataclass
@@ -20,6 +28,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    min_new_tokens: int = 0
+    """End-of-sequence tokens are not sampled before this many tokens (benchmarks force equal lengths with it)."""
 
 
 @dataclass
@@ -36,6 +46,10 @@ class Rollout:
     texts: list[str]
     truncated: torch.Tensor
     """[N] bool: the completion hit max_new_tokens without ending."""
+    logprobs: torch.Tensor | None = None
+    """[N, Lc] float32 log-probability of each completion token under the sampling policy at the sampling
+    temperature (before top-k/top-p), recorded while sampling; 0 where completion_mask is 0. None when the engine
+    does not record them (HFEngine)."""
 
     @property
     def num_completion_tokens(self) -> int:
@@ -43,7 +57,32 @@ class Rollout:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout: ...
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, seeds: list[int] | None = None
+    ) -> Rollout:
+        """``seeds``: one per completion (``rlreason.sampling.completion_seed``); None draws them from torch's RNG."""
+        ...
+
+
+def draw_seeds(count: int) -> list[int]:
+    """Completion seeds from torch's global RNG, for callers that do not name their own."""
+    return torch.randint(0, 2**62, (count,)).tolist()
+
+
+class SeededSampler(LogitsProcessor):
+    """Samples each row with its own seed (rlreason.sampling) and leaves ``generate`` only that token to pick."""
+
+    def __init__(self, seeds: list[int], prompt_length: int, sampling: SamplingParams):
+        self.seeds = torch.tensor(seeds, dtype=torch.long)
+        self.prompt_length = prompt_length
+        self.sampling = sampling
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        s = self.sampling
+        position = input_ids.shape[1] - self.prompt_length
+        tokens = sample(scores, self.seeds.to(scores.device), position, s.temperature, s.top_p, s.top_k)
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter_(1, tokens.unsqueeze(1), 0.0)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,21 +124,27 @@ class HFEngine:
         self.eos_ids = eos_token_ids(model, tokenizer)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, seeds: list[int] | None = None
+    ) -> Rollout:
         ids, mask = left_pad([p for p in prompt_ids for _ in range(n)], self.tokenizer.pad_token_id)
         device = self.model.device
+        # generate() itself only decodes greedily; the sampling, when there is any, is SeededSampler's pick
         gen_config = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
-            do_sample=not sampling.greedy,
-            temperature=sampling.temperature if not sampling.greedy else None,
-            top_p=sampling.top_p if not sampling.greedy else None,
-            top_k=(sampling.top_k or None) if not sampling.greedy else None,
+            do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_ids,
+            min_new_tokens=sampling.min_new_tokens or None,
         )
+        processors = LogitsProcessorList()
+        if not sampling.greedy:
+            processors.append(SeededSampler(seeds or draw_seeds(len(ids)), ids.shape[1], sampling))
         was_training = self.model.training
         self.model.eval()
-        output = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config)
+        output = self.model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config, logits_processor=processors
+        )
         self.model.train(was_training)
         completion_ids = output[:, ids.shape[1] :].cpu()
         if completion_ids.shape[1] == 0:
@@ -137,4 +182,7 @@ def concat_rollouts(parts: list[tuple[Rollout, list[int]]], pad_id: int) -> Roll
         completion_mask=pad([r.completion_mask[i] for r, i in picked], 0, left=False),
         texts=[r.texts[j] for r, i in picked for j in i.tolist()],
         truncated=torch.cat([r.truncated[i] for r, i in picked]),
+        logprobs=pad([r.logprobs[i] for r, i in picked], 0, left=False)
+        if all(r.logprobs is not None for r, _ in picked)
+        else None,
     )

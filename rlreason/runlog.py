@@ -8,6 +8,7 @@ a warning and training goes on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -102,12 +103,12 @@ class RunLog:
         except Exception as exc:  # tracking is optional: the JSONL logs are the record
             log.warning("wandb disabled: %s", exc)
 
-    def _to_wandb(self, payload: dict[str, Any], step: int) -> None:
-        if self.wandb is None or not payload:
-            return
+    @contextlib.contextmanager
+    def _wandb_guard(self) -> Iterator[None]:
+        """Runs a wandb call; one that raises switches wandb off for the rest of the run instead of ending it."""
         try:
-            self.wandb.log(payload, step=step)
-        except Exception as exc:  # a sink that broke mid-run is dropped, the run goes on
+            yield
+        except Exception as exc:
             log.warning("wandb disabled after an error: %s", exc)
             self.wandb = None
 
@@ -120,43 +121,46 @@ class RunLog:
 
     def metrics(self, row: dict[str, Any]) -> None:
         self._append(METRICS, [row])
-        self._to_wandb(_numbers(row), row["step"])
+        if self.wandb is not None:
+            with self._wandb_guard():
+                self.wandb.log(_numbers(row), step=row["step"])
 
     def completions(self, rows: list[dict[str, Any]]) -> None:
         """Every completion to completions.jsonl; an even spread of them to wandb as the step's table."""
         self._append(COMPLETIONS, rows)
         chosen = spread(rows, self.table_rows) if self.wandb is not None else []
-        if chosen:
-            names = list(chosen[0].get("rewards", {}))
-            columns = ["step", "task", "prompt", "completion", "answer", "total", "advantage", "length", *names]
-            data = [
-                [r["step"], _text(r.get("task")), r["prompt"], r["completion"], _text(r.get("answer")), r["total"],
-                 r["advantage"], r["length"], *(r["rewards"].get(n) for n in names)]
-                for r in chosen
-            ]
-            self._to_wandb({"completions": self._table(columns=columns, data=data)}, chosen[0]["step"])
+        if not chosen:
+            return
+        names = list(chosen[0].get("rewards", {}))
+        columns = ["step", "task", "prompt", "completion", "answer", "total", "advantage", "length", *names]
+        data = [
+            [r["step"], _text(r.get("task")), r["prompt"], r["completion"], _text(r.get("answer")), r["total"],
+             r["advantage"], r["length"], *(r["rewards"].get(n) for n in names)]
+            for r in chosen
+        ]
+        with self._wandb_guard():
+            self.wandb.log({"completions": self._table(columns=columns, data=data)}, step=chosen[0]["step"])
 
     def evaluation(self, row: dict[str, Any]) -> None:
         """The evaluation to evals.jsonl; its accuracy, reward means and samples (as a table) to wandb."""
         self._append(EVALS, [row])
         if self.wandb is None:
             return
-        payload = {**_numbers(row, "eval/"), **_numbers(row.get("rewards", {}), "eval/rewards/")}
-        samples = row.get("samples", [])
-        if samples:
-            names = list(samples[0].get("rewards", {}))
-            payload["eval/samples"] = self._table(
-                columns=["stage", "prompt", "completion", "answer", *names],
-                data=[[row["stage"], s["prompt"], s["completion"], _text(s.get("answer")), *(s["rewards"].get(n) for n in names)] for s in samples],
-            )
-        self._to_wandb(payload, row["step"])
+        with self._wandb_guard():
+            payload = {**_numbers(row, "eval/"), **_numbers(row.get("rewards", {}), "eval/rewards/")}
+            samples = row.get("samples", [])
+            if samples:
+                names = list(samples[0].get("rewards", {}))
+                payload["eval/samples"] = self._table(
+                    columns=["stage", "prompt", "completion", "answer", *names],
+                    data=[[row["stage"], s["prompt"], s["completion"], _text(s.get("answer")), *(s["rewards"].get(n) for n in names)] for s in samples],
+                )
+            self.wandb.log(payload, step=row["step"])
 
     def close(self) -> None:
         if self.wandb is not None:
-            try:
+            with self._wandb_guard():
                 self.wandb.finish()
-            except Exception as exc:
-                log.warning("wandb could not finish: %s", exc)
             self.wandb = None
 
 

@@ -1,7 +1,12 @@
 """Supervised fine-tuning on chat traces: the R1 cold start that teaches the output format before RL.
 
 Loss is taken on the assistant's final turn only; the prompt is tokenized exactly as the rollout tokenizes it,
-so what SFT teaches is what generation continues from.
+so what SFT teaches is what generation continues from. The data is text, so any causal LM can be the student
+(distillation): each conversation is re-tokenized with the student's own tokenizer and chat template.
+
+Packing (``sft.pack``) lays a step's conversations end to end instead of padding each to the longest. Position ids
+restart at every conversation and no attention mask is passed, which makes transformers' attention block-diagonal
+(its packed-sequence masks), so the loss is the padded path's up to float error; tests/test_sft.py checks that.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from rlreason.data import PromptStream
 from tasks.prompts import render
 
 IGNORE = -100
+SFT_MODEL_DIR = "sft-model"
+"""Where ``rlreason sft`` saves the fine-tuned model inside its run directory."""
 
 
 def load_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
@@ -61,6 +68,45 @@ def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Example indices per row, first-fit decreasing: few, full rows; an example longer than ``capacity`` gets
+    a row of its own."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def _collate_packed(examples: list[tuple[list[int], list[int]]], capacity: int, pad_id: int) -> dict[str, torch.Tensor]:
+    rows = pack_rows([len(ids) for ids, _ in examples], capacity)
+    width = max(sum(len(examples[i][0]) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), IGNORE)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            x, y = examples[i]
+            ids[r, at : at + len(x)], labels[r, at : at + len(x)] = torch.tensor(x), torch.tensor(y)
+            labels[r, at] = IGNORE  # a conversation's first token is never a target, as unpacked: not from the previous one
+            positions[r, at : at + len(x)] = torch.arange(len(x))
+            at += len(x)
+        positions[r, at:] = torch.arange(width - at)  # trailing padding: a separate sequence, every label IGNORE
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, pack_length: int | None = None) -> dict[str, torch.Tensor]:
+    """The model inputs of one step: padded rows, or with ``pack_length`` packed rows of at most that many tokens."""
+    return _collate(examples, pad_id) if pack_length is None else _collate_packed(examples, pack_length, pad_id)
+
+
 def run_sft(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -70,7 +116,8 @@ def run_sft(
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """``config.steps`` AdamW steps of ``config.batch_size`` conversations; returns the loss per step."""
+    """``config.steps`` AdamW steps of ``config.batch_size`` conversations (packed when ``config.pack``);
+    returns the loss per step."""
     examples = [encode_conversation(tokenizer, m) for m in conversations]
     optimizer = accelerator.prepare(torch.optim.AdamW(model.parameters(), lr=config.learning_rate))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (config.warmup_steps + 1)))
@@ -79,8 +126,9 @@ def run_sft(
     losses = []
     bar = tqdm(range(config.steps), desc="sft", disable=not progress)
     for _ in bar:
-        batch = {k: v.to(accelerator.device) for k, v in _collate([examples[i] for i in stream.take(config.batch_size)], tokenizer.pad_token_id).items()}
-        loss = model(**batch).loss
+        chosen = [examples[i] for i in stream.take(config.batch_size)]
+        inputs = collate(chosen, tokenizer.pad_token_id, config.pack_length if config.pack else None)
+        loss = model(**{k: v.to(accelerator.device) for k, v in inputs.items()}, use_cache=False).loss
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

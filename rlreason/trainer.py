@@ -43,8 +43,10 @@ from rlreason.logprobs import completion_logprobs
 from rlreason.losses import high_entropy_mask, kl_divergence, masked_mean, policy_loss, token_weights
 from rlreason.models import load_model, load_tokenizer
 from rlreason.reasoning import Milestones, length_stats, reasoning_stats, task_accuracy, token_counter
-from rlreason.rollout import HFEngine, Rollout, SamplingParams, concat_rollouts
+from rlreason.fast_rollout import build_engine
+from rlreason.rollout import Rollout, SamplingParams, concat_rollouts
 from rlreason.runlog import COMPLETIONS, EVALS, METRICS, Progress, RunLog, read_jsonl, truncate_after
+from rlreason.sampling import completion_seed
 from rlreason.scoring import Scores, resolve_rewards, score
 from tasks.registry import load_task
 
@@ -116,7 +118,7 @@ class Trainer:
         tc = config.task
         self.train_data = load_task(tc.name, "train", tc.train_size, tr.seed, **tc.options)
         self.eval_data = load_task(tc.name, "eval", tc.eval_size, tr.seed, **tc.options)
-        self.engine = HFEngine(self.accelerator.unwrap_model(self.model), self.tokenizer)
+        self.engine = build_engine(config.rollout.engine, self.accelerator.unwrap_model(self.model), self.tokenizer, use_bf16)
         self.sampling = SamplingParams(
             config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p, config.rollout.top_k
         )
@@ -230,8 +232,10 @@ class Trainer:
         kept, dropped, rounds, score_time = [], [], 0, 0.0
         while len(kept) < P and rounds < (tr.max_sampling_rounds if tr.dynamic_sampling else 1):
             rounds += 1
+            first_draw = self.stream.position
             rows = [self.train_data[i] for i in self.stream.take(P - len(kept))]
-            rollout = self.engine.generate(encode_prompts(self.tokenizer, rows), G, self.sampling)
+            seeds = [completion_seed(tr.seed, first_draw + p, g) for p in range(len(rows)) for g in range(G)]
+            rollout = self.engine.generate(encode_prompts(self.tokenizer, rows), G, self.sampling, seeds)
             start = time.perf_counter()
             scores = score(rollout.texts, [row for row in rows for _ in range(G)], self.rewards, self.config.run.reward_timeout)
             score_time += time.perf_counter() - start
@@ -265,7 +269,9 @@ class Trainer:
         policy's log-probs and entropy ("old", "entropy": for num_iterations > 1, the KL in the reward, the
         top-entropy tokens) and the reference's log-probs ("ref")."""
         tr, frozen = self.config.train, {}
-        if tr.num_iterations > 1 or tr.kl_in_reward or tr.top_entropy_quantile < 1:
+        if tr.rollout_logprobs and rollout.logprobs is not None and tr.top_entropy_quantile == 1:
+            frozen["old"] = rollout.logprobs  # recorded while sampling: no forward pass
+        elif tr.num_iterations > 1 or tr.kl_in_reward or tr.top_entropy_quantile < 1:
             frozen["old"], frozen["entropy"] = self._frozen_logprobs(self.model, rollout)
         if self.reference is not None:
             frozen["ref"], _ = self._frozen_logprobs(self.reference, rollout)
@@ -309,7 +315,7 @@ class Trainer:
                 batch = self._micro_batch(rollout, mb)
                 sync = i == len(micro_batches) - 1
                 with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
-                    logprobs, entropy = completion_logprobs(self.model, *batch, temperature=temperature, entropy_grad=tr.entropy_coef != 0)
+                    logprobs, entropy = completion_logprobs(self.model, *batch, temperature=temperature, entropy_grad=tr.entropy_coef != 0, packing=tr.packing)
                     width, device = logprobs.shape[1], logprobs.device
                     mask = batch[3].to(logprobs.dtype)
                     # one pass over a batch sampled from this very policy: the ratio is exactly 1, nothing clips
@@ -386,7 +392,7 @@ class Trainer:
         entropy = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32)
         for mb in self._micro_batches(len(rollout.texts)):
             with self.accelerator.autocast():  # the reference is not prepared: give it the policy's precision
-                logprobs, ent = completion_logprobs(model, *self._micro_batch(rollout, mb), temperature=self.config.rollout.temperature)
+                logprobs, ent = completion_logprobs(model, *self._micro_batch(rollout, mb), temperature=self.config.rollout.temperature, packing=self.config.train.packing)
             out[mb, : logprobs.shape[1]] = logprobs.float().cpu()
             entropy[mb, : ent.shape[1]] = ent.float().cpu()
         return out, entropy

@@ -14,7 +14,7 @@ from rlreason.rollout import Rollout, concat_rollouts
 from rlreason.runlog import read_jsonl
 from rlreason.trainer import Trainer
 
-SEVENS = [{"name": "conftest:sevens"}]
+SIGNAL = [{"name": "objectives_position"}]  # every group has signal, whatever a random model samples
 NO_EVAL = {"eval_before": False}
 
 
@@ -40,7 +40,7 @@ def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("objectives-model"))
 
 
-def trainer(tmp_path, model_dir, train=None, rewards=SEVENS, **sections):
+def trainer(tmp_path, model_dir, train=None, rewards=SIGNAL, **sections):
     tmp_path.mkdir(exist_ok=True)
     train = {"steps": 1, "learning_rate": 1e-2, "micro_batch_size": 4, **(train or {})}
     path = write_config(tmp_path / "c.yaml", model_dir, tmp_path / "run", rewards=rewards, train=train, run=NO_EVAL, **sections)
@@ -117,8 +117,7 @@ def test_one_iteration_ratio_is_exactly_one_and_nothing_clips(level, tmp_path, m
     # kl_in_reward and top_entropy_quantile make the trainer compute the sampling policy's log-probs in a
     # separate pass; the ratio must still be exactly 1
     extra = {"beta": 0.1, "kl_in_reward": True, "top_entropy_quantile": 0.5}
-    rewards = [{"name": "objectives_position"}]  # every advantage non-zero, so a moved ratio would clip
-    metrics = trainer(tmp_path, model_dir, {**tiny, **extra}, rewards=rewards).train_step()
+    metrics = trainer(tmp_path, model_dir, {**tiny, **extra}).train_step()  # every advantage non-zero
     assert len(seen) == 2  # 8 completions, micro-batches of 4
     for stats in seen:
         assert torch.all(stats["ratio"] == 1.0)
@@ -128,7 +127,7 @@ def test_one_iteration_ratio_is_exactly_one_and_nothing_clips(level, tmp_path, m
     assert metrics["clip_fraction_dual"] == 0.0
 
     seen.clear()
-    two = trainer(tmp_path / "two", model_dir, {**tiny, "num_iterations": 2}, rewards=rewards).train_step()
+    two = trainer(tmp_path / "two", model_dir, {**tiny, "num_iterations": 2}).train_step()
     assert len(seen) == 4
     for stats in seen[:2]:  # first pass: old log-probs from a separate pass over the same weights
         torch.testing.assert_close(stats["ratio"], torch.ones_like(stats["ratio"]), rtol=0, atol=1e-3)
@@ -143,13 +142,14 @@ LOGGED = ["loss", "clip_fraction", "clip_fraction_low", "clip_fraction_high", "r
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
 def test_short_run_per_loss_type(loss_type, tmp_path, model_dir):
     train = {"steps": 2, "learning_rate": 1e-2, "micro_batch_size": 4, "num_iterations": 2, "loss_type": loss_type}
-    config = write_config(tmp_path / "c.yaml", model_dir, tmp_path / "run", rewards=SEVENS, train=train, run=NO_EVAL)
+    config = write_config(tmp_path / "c.yaml", model_dir, tmp_path / "run", rewards=SIGNAL, train=train, run=NO_EVAL)
     assert main(["train", str(config)]) == 0
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         for key in LOGGED:
             assert m[key] is not None and torch.isfinite(torch.tensor(m[key])), key
+        assert m["grad_norm"] > 0
 
 
 def test_short_run_with_every_option(tmp_path, model_dir):
@@ -174,7 +174,7 @@ def test_short_run_with_every_option(tmp_path, model_dir):
         "entropy_coef": 0.01,
         "top_entropy_quantile": 0.5,
     }
-    config = write_config(tmp_path / "c.yaml", model_dir, tmp_path / "run", rewards=SEVENS, train=train, run=NO_EVAL)
+    config = write_config(tmp_path / "c.yaml", model_dir, tmp_path / "run", rewards=SIGNAL, train=train, run=NO_EVAL)
     assert main(["train", str(config)]) == 0
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     for key in LOGGED + [
@@ -286,7 +286,7 @@ def test_concat_rollouts_repads_prompts_left_and_completions_right():
 
 def test_reference_refresh_and_resume(tmp_path, model_dir):
     train = {"steps": 1, "learning_rate": 1e-2, "micro_batch_size": 4, "beta": 0.1, "ref_update_every": 2}
-    config = write_config(tmp_path / "c.yaml", model_dir, tmp_path / "run", rewards=SEVENS, train=train, run={**NO_EVAL, "save_every": 1})
+    config = write_config(tmp_path / "c.yaml", model_dir, tmp_path / "run", rewards=SIGNAL, train=train, run={**NO_EVAL, "save_every": 1})
     t = Trainer(load_config(config))
     initial = [p.detach().clone() for p in t.reference.parameters()]
     t.train_step()  # step 1: the reference stays the initial model

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from rlreason.config import RunConfig
+from rlreason.config import ConfigError, RunConfig, load_config
 from rlreason.reasoning import (
     Milestones,
     answer_changes,
@@ -71,3 +71,10 @@ def test_milestones_report_the_first_crossing_once():
     assert watch.update(rows[2]) == []
     resumed = Milestones({"accuracy": 0.5}, history=rows[:2])
     assert resumed.update(rows[2]) == [] and resumed.reached == {"accuracy": 2}
+
+
+def test_config_keys_for_reasoning_statistics():
+    config = load_config(None, ["run.reflection_phrases=[wait, hold on]", "run.milestones={accuracy: 1}"])
+    assert config.run.reflection_phrases == ["wait", "hold on"] and config.run.milestones == {"accuracy": 1}
+    with pytest.raises(ConfigError, match=r"run\.milestones\.accuracy: the threshold must be a number, got 'high'"):
+        load_config(None, ["run.milestones={accuracy: high}"])

@@ -1,13 +1,15 @@
-"""The cold start: loss only on the assistant's answer, and SFT learns the traces."""
+"""The cold start: loss only on the assistant's answer, packing equals padding, and SFT learns the traces."""
 
 import json
 
 import pytest
+import torch
 from accelerate import Accelerator
+from conftest import make_tiny_model
 
 from rlreason.config import SFTConfig
 from rlreason.models import load_model, load_tokenizer
-from rlreason.sft import IGNORE, encode_conversation, load_chat_jsonl, run_sft
+from rlreason.sft import IGNORE, collate, encode_conversation, load_chat_jsonl, pack_rows, run_sft
 from tasks.prompts import chat
 
 
@@ -36,3 +38,26 @@ def test_sft_fits_the_traces(tiny_llama):
     conversations = [[*chat(f"{a}+1?"), {"role": "assistant", "content": f"<answer>{a + 1}</answer>"}] for a in range(4)]
     losses = run_sft(model, tokenizer, conversations, SFTConfig(steps=40, batch_size=4, learning_rate=3e-3), Accelerator(cpu=True), progress=False)
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_pack_rows_fills_rows_first_fit_decreasing():
+    assert pack_rows([5, 3, 7, 2, 9], 10) == [[4], [2, 1], [0, 3]]
+    assert pack_rows([12, 1], 10) == [[0], [1]]  # too long for a row: a row of its own, never cut
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "deepseek_v3"])
+def test_packed_loss_equals_padded_loss(tmp_path, arch):
+    """Attention never crosses conversations in a packed row: the loss is the padded one to float error."""
+    model_dir = make_tiny_model(tmp_path, arch)
+    tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
+    conversations = [[*chat(f"{a}+{7 * a}?", system=""), {"role": "assistant", "content": "x" * 5 * a + f"<answer>{8 * a}</answer>"}] for a in range(1, 7)]
+    examples = [encode_conversation(tokenizer, m) for m in conversations]
+    packed = collate(examples, tokenizer.pad_token_id, pack_length=100)
+    assert packed["input_ids"].shape[0] < len(examples)
+    with torch.no_grad():
+        padded_loss = model(**collate(examples, tokenizer.pad_token_id), use_cache=False).loss
+        packed_loss = model(**packed, use_cache=False).loss
+        leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])}
+        leaky_loss = model(**leaky, use_cache=False).loss  # one long sequence per row: conversations see each other
+    assert torch.allclose(packed_loss, padded_loss, rtol=0, atol=1e-5)
+    assert not torch.allclose(leaky_loss, padded_loss, rtol=0, atol=1e-4), "the check must be able to fail"

@@ -5,6 +5,7 @@ import json
 import logging
 import struct
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -26,11 +27,24 @@ def wandb_records(path: Path) -> list:
             pos += 32768 - pos % 32768
             continue
         length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        if pos + 7 + length > len(data):  # still being written
+            break
         chunk += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST: a record is complete
             records.append(wandb_internal_pb2.Record.FromString(chunk))
             chunk = b""
+    return records
+
+
+def finished_records(path: Path, timeout: float = 30.0) -> list:
+    """The records once the log holds the run's exit record: wandb's service finishes writing the file a
+    moment after ``finish()`` has returned."""
+    deadline = time.monotonic() + timeout
+    records = wandb_records(path)
+    while not any(r.HasField("exit") for r in records) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        records = wandb_records(path)
     return records
 
 
@@ -52,7 +66,7 @@ def test_offline_run_writes_metrics_and_completion_tables(tiny_llama, tmp_path, 
 
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     (log_file,) = offline.glob("run-*.wandb")
-    records = wandb_records(log_file)
+    records = finished_records(log_file)
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item} for r in records if r.HasField("history")]
     logged = {key for row in history for key in row}
     step = read_jsonl(run_dir / "metrics.jsonl")[0]

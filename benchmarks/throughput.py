@@ -1,0 +1,325 @@
+"""GRPO step throughput of rlreason against TRL's GRPOTrainer: same model, prompts, settings, process.
+
+    python benchmarks/throughput.py --model 360m --prompts 16 --group 8 --max-new-tokens 256      # a GPU
+    python benchmarks/throughput.py --model default --prompts 4 --group 8 --max-new-tokens 96     # the CPU
+
+Both sides get the same random-init model (or the default model), the same prompts (two-number sums in the R1 chat
+format), the same reward (benchmarks.workload.digit_share), P prompts x G completions per optimizer step, one pass
+over the batch (num_iterations 1), no KL (beta 0), the same micro-batch size, the same precision and no gradient
+checkpointing. Every completion is forced to exactly --max-new-tokens tokens (end-of-sequence suppressed:
+``min_new_tokens`` on both sides), so completion tokens per second compare like for like.
+
+A step is timed whole: on the rlreason side ``Trainer.train_step`` (sample, score, advantages, optimize, logging);
+on the TRL side one optimizer step of ``GRPOTrainer.train`` (generation, scoring, forward/backward of every
+micro-batch, optimizer, logging), from one ``on_step_end`` to the next. The first --warmup steps of each side are
+not counted. Peak memory is torch's ``max_memory_allocated`` over the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks import workload  # noqa: E402
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def ceilings() -> tuple[float, float]:
+    """(device-to-device copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured here."""
+    from benchmarks.gpu_checks import ceilings as measure
+
+    return measure()
+
+
+def train_flops(model_dir: Path, prompt_lengths: list[int], completion_length: int, group: int) -> float:
+    """FLOPs of one forward + backward over the batch: 6 x body parameters x tokens, the head on completion
+    positions only, and causal attention (6 x layers x hidden x length^2 per sequence)."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    kv = (c.num_key_value_heads or c.num_attention_heads) * (c.hidden_size // c.num_attention_heads)
+    per_layer = c.hidden_size * (c.hidden_size * 2 + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+    body = c.num_hidden_layers * per_layer
+    head = c.vocab_size * c.hidden_size
+    lengths = [p + completion_length for p in prompt_lengths for _ in range(group)]
+    attention = sum(6 * c.num_hidden_layers * c.hidden_size * n * n for n in lengths)
+    return 6 * body * sum(lengths) + 6 * head * completion_length * len(lengths) + attention
+
+
+# ------------------------------------------------------------------------------------------------ rlreason
+
+
+def _register_bench_task(rows: list[dict[str, Any]]) -> None:
+    """A task named throughput_bench serving ``rows``; built-in tasks are not imported (their deps may be absent)."""
+    from datasets import Dataset
+
+    import tasks.registry as registry
+
+    registry._builtins_loaded = True  # the benchmark needs only its own task
+
+    @registry.task("throughput_bench")
+    def _build(split: str, size: int, seed: int = 0, **_: Any):
+        return Dataset.from_list(rows[:size])
+
+
+def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str, Any]], work: Path) -> dict[str, Any]:
+    from rlreason.config import (
+        Config,
+        ModelConfig,
+        RewardConfig,
+        RolloutConfig,
+        RunConfig,
+        TaskConfig,
+        TrainConfig,
+    )
+    from rlreason.trainer import Trainer
+
+    _register_bench_task(rows)
+    P, G, L = args.prompts, args.group, args.max_new_tokens
+    config = Config(
+        model=ModelConfig(name=str(model_dir), dtype=args.dtype),
+        task=TaskConfig(name="throughput_bench", train_size=len(rows), eval_size=P),
+        rewards=[RewardConfig("benchmarks.workload:digit_share", 1.0)],
+        rollout=RolloutConfig(prompts_per_step=P, group_size=G, max_new_tokens=L, temperature=1.0, engine=args.engine),
+        train=TrainConfig(
+            steps=args.warmup + args.steps,
+            learning_rate=1e-6,
+            micro_batch_size=args.micro_batch,
+            loss_type="grpo",
+            bf16="true" if args.bf16 else "false",
+            gradient_checkpointing=False,
+            **({"packing": args.packing} if args.packing is not None else {}),
+        ),
+        run=RunConfig(output_dir=str(work / "rlreason-run"), overwrite=True, progress=False, eval_before=False),
+    )
+    trainer = Trainer(config)
+    trainer.sampling.min_new_tokens = L  # every completion exactly L tokens, as on the TRL side
+    times, parts = [], []
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            sync()
+            reset_memory()
+        sync()
+        start = time.perf_counter()
+        metrics = trainer.train_step()
+        sync()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+            parts.append(metrics)
+    tokens = [m["completion_length"] * P * G for m in parts]
+    result = {
+        "side": f"rlreason ({args.engine})",
+        "step_s": statistics.median(times),
+        "tokens_per_step": statistics.median(tokens),
+        "generate_s": statistics.median(m["time_generate"] for m in parts),
+        "optimize_s": statistics.median(m["time_optimize"] for m in parts),
+        "peak_gb": peak_memory_gb(),
+        "times": times,
+    }
+    engine_stats = getattr(trainer.engine, "last_stats", None)
+    if engine_stats:
+        result["engine"] = dict(engine_stats)
+    del trainer
+    reset_memory()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ TRL
+
+
+def run_trl(args: argparse.Namespace, model_dir: Path, rows: list[dict[str, Any]], work: Path) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    P, G, L = args.prompts, args.group, args.max_new_tokens
+    steps = args.warmup + args.steps
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+    config = GRPOConfig(
+        output_dir=str(work / "trl-run"),
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=P * G // args.micro_batch,
+        num_generations=G,
+        max_completion_length=L,
+        generation_kwargs={"min_new_tokens": L},  # every completion exactly L tokens, as on the rlreason side
+        temperature=1.0,
+        top_p=1.0,
+        learning_rate=1e-6,
+        beta=0.0,
+        num_iterations=1,
+        loss_type="grpo",
+        max_steps=steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            sync()
+            self.ends.append(time.perf_counter())
+            if len(self.ends) == args.warmup:  # peak memory over the timed steps only
+                reset_memory()
+
+    clock = Clock()
+    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows[: steps * P]])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=workload.digit_share,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
+    generate_times: list[float] = []
+    inner = trainer._generate_single_turn
+
+    def timed_generate(*a, **kw):
+        sync()
+        start = time.perf_counter()
+        out = inner(*a, **kw)
+        sync()
+        generate_times.append(time.perf_counter() - start)
+        return out
+
+    trainer._generate_single_turn = timed_generate
+    sync()
+    start = time.perf_counter()
+    trainer.train()
+    ends = [start, *clock.ends]
+    times = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)][args.warmup :]
+    completion_lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    result = {
+        "side": "TRL " + __import__("trl").__version__,
+        "step_s": statistics.median(times),
+        "tokens_per_step": statistics.median(completion_lengths[args.warmup :]) * P * G,
+        "generate_s": statistics.median(generate_times[args.warmup :]),
+        "optimize_s": float("nan"),
+        "peak_gb": peak_memory_gb(),
+        "times": times,
+    }
+    result["optimize_s"] = result["step_s"] - result["generate_s"]
+    del trainer, model
+    reset_memory()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default", choices=["default", *workload.SHAPES])
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: 16 on a GPU, 8 on the CPU")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
+    parser.add_argument("--engine", default="fast", help="rlreason's rollout.engine")
+    parser.add_argument("--packing", default=None, help="rlreason's train.packing (default: the config default)")
+    parser.add_argument("--sides", default="rlreason,trl")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the default model's)")
+    parser.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    args.dtype = "bfloat16" if cuda else "float32"
+    args.bf16 = cuda
+    args.micro_batch = args.micro_batch or (16 if cuda else 8)
+    if args.packing is not None and args.packing.lower() in ("true", "false"):
+        args.packing = args.packing.lower() == "true"
+
+    from transformers import AutoTokenizer
+
+    if args.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        from rlreason.models import load_tokenizer
+
+        tokenizer = load_tokenizer("default")
+    from tasks.prompts import render
+
+    rows = workload.rows(64 + (args.warmup + args.steps) * args.prompts)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir = workload.build_model(args.model, work / "model", tokenizer, getattr(torch, args.dtype))
+        prompt_lengths = [len(tokenizer(render(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]) for r in rows[: args.prompts]]
+        flops = train_flops(model_dir, prompt_lengths, args.max_new_tokens, args.group)
+        for side in args.sides.split(","):
+            torch.manual_seed(0)
+            run = run_rlreason if side == "rlreason" else run_trl
+            results.append(run(args, model_dir, rows, work))
+            r = results[-1]
+            print(f"  {r['side']}: step {r['step_s']:.3f} s  ({', '.join(f'{t:.3f}' for t in r['times'])})", flush=True)
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    bandwidth, peak = ceilings() if cuda else (float("nan"), float("nan"))
+    print(f"\n{args.model}  P={args.prompts} G={args.group} L={args.max_new_tokens}  micro-batch {args.micro_batch}  "
+          f"{args.dtype}  on {device}")
+    print("| side | step (s) | completion tok/s | generate (s) | train (s) | train MFU | peak mem (GiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        r["tokens_per_s"] = r["tokens_per_step"] / r["step_s"]
+        r["train_mfu"] = flops / r["optimize_s"] / peak
+        print(f"| {r['side']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['generate_s']:.2f} | "
+              f"{r['optimize_s']:.2f} | {r['train_mfu']:.1%} | {r['peak_gb']:.2f} |")
+    for r in results:
+        e = r.get("engine")
+        if e and e.get("decode_steps"):
+            per_step = e["decode_s"] / e["decode_steps"]
+            floor = (e["weight_bytes"] + e["kv_bytes_per_step"]) / bandwidth
+            r["decode"] = {"ms_per_step": per_step * 1e3, "floor_ms": floor * 1e3, "prefill_s": e["prefill_s"]}
+            print(f"{r['side']}: decode {per_step * 1e3:.2f} ms/step ({e['rows']} rows), bandwidth floor {floor * 1e3:.3f} ms "
+                  f"(weights {e['weight_bytes'] / 1e9:.2f} GB + KV {e['kv_bytes_per_step'] / 1e9:.2f} GB per step at "
+                  f"{bandwidth / 1e12:.2f} TB/s): {per_step / floor:.1f}x the floor; prefill {e['prefill_s'] * 1e3:.0f} ms")
+        elif "TRL" in r["side"]:
+            print(f"{r['side']}: generate {r['generate_s'] / args.max_new_tokens * 1e3:.2f} ms per token position (prefill included)")
+    if cuda:
+        print(f"ceilings measured here: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s; "
+              f"train FLOPs per step {flops / 1e12:.1f} TFLOP")
+    if len(results) == 2:
+        print(f"ratio (rlreason / TRL tokens per s): {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"args": {k: v for k, v in vars(args).items()}, "device": device, "results": results}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The fast engine against the reference (HFEngine): same tokens, and logprobs equal to a fresh forward pass.
+
+Tolerances (float32 on the CPU): recorded logprobs within 1e-4 of ``completion_logprobs`` (the two compute the
+same function in a different order; seen ~1e-6).
+"""
+
+import pytest
+import torch
+from conftest import build_char_tokenizer, tiny_config
+
+from rlreason.fast_rollout import FastEngine, unsupported_reason
+from rlreason.logprobs import completion_logprobs
+from rlreason.models import load_model, load_tokenizer
+from rlreason.rollout import HFEngine, SamplingParams
+
+LOGPROB_ATOL = 1e-4
+
+
+def _model(directory, arch, seed=0):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_char_tokenizer(directory)
+    torch.manual_seed(seed)
+    if arch == "qwen3":
+        from transformers import Qwen3Config
+
+        config = Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+        )
+    else:
+        config = tiny_config(arch, len(tokenizer), tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger weights than the init: peaked distributions, some EOS, and no near-ties
+        for p in model.parameters():
+            p.mul_(6.0 if p.dim() > 1 else 1.0)
+    model.save_pretrained(directory)
+    return load_model(str(directory)), load_tokenizer(str(directory))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def model_and_tokenizer(request, tmp_path_factory):
+    return _model(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def _prompts(tokenizer):
+    texts = ["What is 2 + 3?", "hi", "A longer prompt, with more tokens in it."]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _same(a, b):
+    assert a.completion_ids.tolist() == b.completion_ids.tolist()
+    assert a.completion_mask.tolist() == b.completion_mask.tolist()
+    assert a.truncated.tolist() == b.truncated.tolist()
+    assert a.texts == b.texts
+    assert a.prompt_ids.tolist() == b.prompt_ids.tolist() and a.prompt_mask.tolist() == b.prompt_mask.tolist()
+
+
+@pytest.mark.parametrize("own_weights", [False, True])
+def test_greedy_equals_reference(model_and_tokenizer, own_weights):
+    """own_weights: the engine's fused copies of q/k/v and gate/up (its CUDA layout) give the same tokens."""
+    model, tokenizer = model_and_tokenizer
+    params = SamplingParams(max_new_tokens=24, greedy=True)
+    fast = FastEngine(model, tokenizer, own_weights=own_weights).generate(_prompts(tokenizer), 2, params)
+    _same(fast, HFEngine(model, tokenizer).generate(_prompts(tokenizer), 2, params))
+
+
+@pytest.mark.parametrize("filters", [{}, {"top_k": 5, "top_p": 0.9, "temperature": 0.7}])
+def test_seeded_sampling_equals_reference(model_and_tokenizer, filters):
+    """With the same completion seeds, both engines draw the same tokens (rlreason.sampling)."""
+    model, tokenizer = model_and_tokenizer
+    params = SamplingParams(max_new_tokens=24, **filters)
+    seeds = list(range(100, 112))
+    fast = FastEngine(model, tokenizer, check_every=4).generate(_prompts(tokenizer), 4, params, seeds=seeds)
+    hf = HFEngine(model, tokenizer).generate(_prompts(tokenizer), 4, params, seeds=seeds)
+    _same(fast, hf)
+    assert len(set(fast.texts)) > 3
+
+
+def test_logprobs_match_a_fresh_forward_pass(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    params = SamplingParams(max_new_tokens=20, temperature=0.8)
+    rollout = FastEngine(model, tokenizer).generate(_prompts(tokenizer), 3, params, seeds=list(range(9)))
+    with torch.no_grad():
+        fresh, _ = completion_logprobs(
+            model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, temperature=0.8
+        )
+    mask = rollout.completion_mask.bool()
+    assert rollout.logprobs.shape == rollout.completion_ids.shape
+    assert (rollout.logprobs[~mask] == 0).all()
+    torch.testing.assert_close(rollout.logprobs[mask], fresh[mask], atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_min_new_tokens_and_compaction(model_and_tokenizer):
+    """EOS is held back until min_new_tokens; rows that end are compacted away without changing anyone's tokens."""
+    model, tokenizer = model_and_tokenizer
+    prompts, seeds = _prompts(tokenizer), list(range(200, 224))
+    forced = FastEngine(model, tokenizer).generate(prompts, 8, SamplingParams(max_new_tokens=12, min_new_tokens=12), seeds=seeds)
+    assert (forced.completion_mask.sum(dim=1) == 12).all()
+    params = SamplingParams(max_new_tokens=40)
+    compacted = FastEngine(model, tokenizer, check_every=2, compact=True).generate(prompts, 8, params, seeds=seeds)
+    plain = FastEngine(model, tokenizer, check_every=2, compact=False).generate(prompts, 8, params, seeds=seeds)
+    _same(compacted, plain)
+    torch.testing.assert_close(compacted.logprobs, plain.logprobs, atol=1e-5, rtol=0)
+    lengths = plain.completion_mask.sum(dim=1)
+    assert lengths.min() < lengths.max()  # some rows ended early, so compaction had something to do
+
+
+def test_unsupported_architectures_are_named(tmp_path):
+    model, _ = _model(tmp_path, "deepseek_v3")
+    assert "deepseek_v3" in unsupported_reason(model)
+    with pytest.raises(ValueError, match="rollout.engine 'hf'"):
+        FastEngine(model, load_tokenizer(str(tmp_path)))
+
+
+def test_a_training_step_with_the_fast_engine_packing_and_rollout_logprobs(tiny_llama, tmp_path):
+    from conftest import write_config
+
+    from rlreason.config import load_config
+    from rlreason.fast_rollout import FastEngine as Fast
+    from rlreason.trainer import Trainer
+
+    path = write_config(
+        tmp_path / "c.yaml", tiny_llama, tmp_path / "run",
+        rollout={"engine": "fast"},
+        train={"packing": True, "rollout_logprobs": True, "num_iterations": 2, "steps": 1},
+        rewards=[{"name": "conftest:sevens"}],
+    )
+    trainer = Trainer(load_config(path))
+    assert isinstance(trainer.engine, Fast)
+    metrics = trainer.train_step()
+    assert metrics["loss"] == metrics["loss"] and metrics["ratio"] == pytest.approx(1.0, abs=0.05)
