@@ -55,8 +55,9 @@ def check_engine(tokenizer, directory: Path) -> None:
     from rlreason.models import load_model
     from rlreason.rollout import HFEngine, SamplingParams
 
-    prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True) for r in workload.rows(6)]
-    prompts = [p["input_ids"] if isinstance(p, dict) else list(p) for p in prompts]
+    from tasks.prompts import render
+
+    prompts = tokenizer([render(tokenizer, r["prompt"]) for r in workload.rows(6)], add_special_tokens=False)["input_ids"]
 
     # float32, tiny: the tokens of the reference, exactly
     workload.build_model("tiny", directory / "tiny", tokenizer, torch.float32)

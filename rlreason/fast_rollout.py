@@ -248,6 +248,8 @@ class FastEngine:
         self.num_layers = len(self.weights.layers)
         self._ws: _Workspace | None = None
         self._scores_out_dtype = cuda and self.dtype in (torch.bfloat16, torch.float16) and self._bmm_out_dtype_works()
+        scale = [self.head_dim**-0.5] * self.num_heads + [1.0] * self.num_kv_heads  # queries carry 1/sqrt(D)
+        self.qk_scale = torch.tensor(scale, dtype=self.dtype, device=device).view(1, -1, 1)
         vocab = self.weights.lm_head[0].shape[0]
         self.eos_tensor = torch.tensor([i for i in self.eos_ids if i < vocab], dtype=torch.long, device=device)
         self.last_stats: dict[str, float] = {}
@@ -413,8 +415,7 @@ class FastEngine:
         t = ws.t
         pos = ws.pos0[:R] + (t - 1)
         # RoPE of queries and keys in one go ([R, H + Hkv, D]), the queries' tables scaled by 1/sqrt(D)
-        scale = torch.tensor([D**-0.5] * H + [1.0] * Hkv, dtype=self.dtype, device=self.device).view(1, H + Hkv, 1)
-        cos, sin = ws.cos[pos].unsqueeze(1) * scale, ws.sin[pos].unsqueeze(1) * scale
+        cos, sin = ws.cos[pos].unsqueeze(1) * self.qk_scale, ws.sin[pos].unsqueeze(1) * self.qk_scale
         slot = (t - 1).view(1)
         visible = torch.arange(B, device=self.device) < t
         comp_bias = torch.zeros(B, device=self.device).masked_fill(~visible, float("-inf"))

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -36,14 +36,14 @@ from rlreason.advantages import (
     overlong_penalty,
     zero_variance_groups,
 )
-from rlreason.config import Config, save_config
+from rlreason.config import Config, ConfigError, save_config
 from rlreason.data import PromptStream, encode_prompts
 from rlreason.evaluate import evaluate_config
+from rlreason.fast_rollout import build_engine
 from rlreason.logprobs import completion_logprobs
 from rlreason.losses import high_entropy_mask, kl_divergence, masked_mean, policy_loss, token_weights
 from rlreason.models import load_model, load_tokenizer
 from rlreason.reasoning import Milestones, length_stats, reasoning_stats, task_accuracy, token_counter
-from rlreason.fast_rollout import build_engine
 from rlreason.rollout import Rollout, SamplingParams, concat_rollouts
 from rlreason.runlog import COMPLETIONS, EVALS, METRICS, Progress, RunLog, read_jsonl, truncate_after
 from rlreason.sampling import completion_seed
@@ -92,8 +92,16 @@ class Trainer:
         self.config = config
         tr = config.train
         use_bf16 = tr.bf16 == "true" or (tr.bf16 == "auto" and bf16_available())
-        self.accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+        # cpu=True on GPU-less machines: without it accelerate ignores the launcher's WORLD_SIZE and each
+        # process would train alone
+        self.accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
         self.is_main = self.accelerator.is_main_process
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if config.rollout.prompts_per_step % self.world:
+            raise ConfigError([
+                f"rollout.prompts_per_step: {config.rollout.prompts_per_step} prompts cannot be split into whole groups "
+                f"over {self.world} processes; use a multiple of {self.world}"
+            ])
         self.run_dir = prepare_run_dir(config, resume) if self.is_main else Path(config.run.output_dir)
         self.accelerator.wait_for_everyone()
         set_seed(tr.seed)
@@ -163,7 +171,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         cfg = self.config
-        P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+        P, G = cfg.rollout.prompts_per_step // self.world, cfg.rollout.group_size  # this process's groups
         t0 = time.perf_counter()
         rows, rollout, scores, sampling = self._sample_groups(P, G)
         t_generate = time.perf_counter() - sampling.pop("time_score")
@@ -179,6 +187,12 @@ class Trainer:
         self.step += 1
 
         lengths = rollout.completion_mask.sum(dim=1).float()
+        texts, truncated, tokens = rollout.texts, rollout.truncated, rollout.num_completion_tokens
+        if self.world > 1:  # log the whole step once: every process's groups, in process order
+            samples, texts, scores, advantages, lengths, truncated, stats, tokens = self._gather_step(
+                samples, texts, scores, advantages, lengths, truncated, stats, tokens
+            )
+            rewards = torch.tensor(scores.total, dtype=torch.float32).view(-1, G)
         first = scores.columns[:, 0]
         metrics = {
             "step": self.step,
@@ -188,16 +202,17 @@ class Trainer:
             "accuracy": float(np.nanmean(first)) if not np.isnan(first).all() else 0.0,
             **task_accuracy([s.get("task") for s in samples], first),
             "zero_std_groups": float((rewards.std(dim=1) == 0).float().mean()),
-            **length_stats(lengths.tolist(), rollout.truncated.tolist()),
-            **reasoning_stats(rollout.texts, lengths.tolist(), cfg.run.reflection_phrases, token_counter(self.tokenizer)),
+            **length_stats(lengths.tolist(), truncated.tolist()),
+            **reasoning_stats(texts, lengths.tolist(), cfg.run.reflection_phrases, token_counter(self.tokenizer)),
             **stats,
             "lr": self.scheduler.get_last_lr()[0],
+            "processes": self.world,
             "reward_failures": sum(scores.failures.values()),
             "time_generate": t_generate - t0,
             "time_score": t_score - t_generate,
             "time_optimize": t_end - t_score,
             "time_step": t_end - t0,
-            "tokens_per_s": rollout.num_completion_tokens / (t_end - t0),
+            "tokens_per_s": tokens / (t_end - t0),
         }
         self.runlog.metrics(metrics)
         self.runlog.completions(
@@ -215,11 +230,35 @@ class Trainer:
                     "truncated": bool(truncated),
                 }
                 for sample, text, column, total, advantage, length, truncated in zip(
-                    samples, rollout.texts, scores.columns, scores.total, advantages.tolist(), lengths.tolist(), rollout.truncated.tolist(), strict=True
+                    samples, texts, scores.columns, scores.total, advantages.tolist(), lengths.tolist(), truncated.tolist(), strict=True
                 )
             ]
         )
         return metrics
+
+    def _gather_step(
+        self, samples: list, texts: list[str], scores: Scores, advantages: torch.Tensor, lengths: torch.Tensor,
+        truncated: torch.Tensor, stats: dict[str, float], tokens: int,
+    ) -> tuple[list, list[str], Scores, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float], int]:
+        """Every process's share of the step, concatenated in process order; per-process stats averaged."""
+        local = (samples, texts, scores, advantages.tolist(), lengths.tolist(), truncated.tolist(), stats, tokens)
+        parts = gather_object([local])
+
+        def cat(i: int) -> list:
+            return [item for part in parts for item in part[i]]
+
+        failures: dict[str, int] = {}
+        for part in parts:
+            for name, count in part[2].failures.items():
+                failures[name] = failures.get(name, 0) + count
+        merged = Scores(
+            scores.names, np.concatenate([p[2].columns for p in parts]), np.concatenate([p[2].total for p in parts]), failures
+        )
+        averaged = {key: float(np.mean([p[6][key] for p in parts if key in p[6]])) for key in stats}
+        return (
+            cat(0), cat(1), merged, torch.tensor(cat(3)), torch.tensor(cat(4)), torch.tensor(cat(5)), averaged,
+            sum(p[7] for p in parts),
+        )
 
     def _sample_groups(self, P: int, G: int) -> tuple[list[dict[str, Any]], Rollout, Scores, dict[str, float]]:
         """P prompts (rows), G scored completions each, and the sampling stats.
@@ -230,11 +269,20 @@ class Trainer:
         """
         tr = self.config.train
         kept, dropped, rounds, score_time = [], [], 0, 0.0
-        while len(kept) < P and rounds < (tr.max_sampling_rounds if tr.dynamic_sampling else 1):
+        while rounds < (tr.max_sampling_rounds if tr.dynamic_sampling else 1):
+            # Every process draws the same prompts from the shared stream and samples its own share, so the
+            # data order, and each completion's seed, do not depend on the number of processes.
+            missing = gather_object([P - len(kept)])
+            if not sum(missing):
+                break
             rounds += 1
             first_draw = self.stream.position
-            rows = [self.train_data[i] for i in self.stream.take(P - len(kept))]
-            seeds = [completion_seed(tr.seed, first_draw + p, g) for p in range(len(rows)) for g in range(G)]
+            drawn = self.stream.take(sum(missing))
+            mine = range(sum(missing[: self.rank]), sum(missing[: self.rank + 1]))
+            if not mine:
+                continue
+            rows = [self.train_data[drawn[i]] for i in mine]
+            seeds = [completion_seed(tr.seed, first_draw + i, g) for i in mine for g in range(G)]
             rollout = self.engine.generate(encode_prompts(self.tokenizer, rows), G, self.sampling, seeds)
             start = time.perf_counter()
             scores = score(rollout.texts, [row for row in rows for _ in range(G)], self.rewards, self.config.run.reward_timeout)
@@ -303,7 +351,7 @@ class Trainer:
         loss_mask = rollout.completion_mask.float()
         if tr.overlong == "mask":  # DAPO's overlong filtering: truncated completions are left out of the loss
             loss_mask = loss_mask * ~rollout.truncated.unsqueeze(1)
-        weights = token_weights(loss_mask, tr.loss_type, self.config.rollout.max_new_tokens)
+        weights = self._token_weights(loss_mask)
         if tr.top_entropy_quantile < 1:  # only the batch's highest-entropy tokens train
             weights = weights * high_entropy_mask(frozen["entropy"], loss_mask, tr.top_entropy_quantile)
         kl_in_loss = tr.beta > 0 and not tr.kl_in_reward
@@ -362,6 +410,20 @@ class Trainer:
         if tr.ref_update_every and (self.step + 1) % tr.ref_update_every == 0:  # self.step + 1: the step ending now
             self._refresh_reference()
         return out
+
+    def _token_weights(self, loss_mask: torch.Tensor) -> torch.Tensor:
+        """``token_weights`` over the batch of all processes, this process's rows of it.
+
+        The aggregation's divisors (sequences, tokens) count the whole batch, and the weights are multiplied by
+        the number of processes because data-parallel training averages their gradients.
+        """
+        tr, max_len = self.config.train, self.config.rollout.max_new_tokens
+        if self.world == 1:
+            return token_weights(loss_mask, tr.loss_type, max_len)
+        padded = self.accelerator.pad_across_processes(loss_mask.to(self.accelerator.device), dim=1)
+        everyone = token_weights(self.accelerator.gather(padded).cpu(), tr.loss_type, max_len)
+        rows = slice(self.rank * len(loss_mask), (self.rank + 1) * len(loss_mask))
+        return everyone[rows, : loss_mask.shape[1]] * self.world
 
     def _micro_batches(self, n: int) -> list[slice]:
         size = self.config.train.micro_batch_size
@@ -422,9 +484,10 @@ class Trainer:
         final = self.run_dir / CHECKPOINT_DIR / f"step-{self.step:06d}"
         partial = final.with_name(final.name + ".tmp")
         self.accelerator.wait_for_everyone()
+        weights = self.accelerator.get_state_dict(self.model)  # collective: full weights even when sharded
         if self.is_main:
             shutil.rmtree(partial, ignore_errors=True)
-            self.accelerator.unwrap_model(self.model).save_pretrained(partial / "model")
+            self.accelerator.unwrap_model(self.model).save_pretrained(partial / "model", state_dict=weights)
             if self.reference is not None and self.config.train.ref_update_every:  # the reference moves: keep it
                 self.reference.save_pretrained(partial / "reference")
             self.tokenizer.save_pretrained(partial / "model")

@@ -114,3 +114,8 @@ def write_config(path: Path, model_dir: Path, run_dir: Path, **sections: dict) -
 def sevens(completions: list[str], samples: list[dict]) -> list[float]:
     """A reward any tiny model can earn by chance and learn: the share of '7' characters in the completion."""
     return [c.count("7") / len(c) if c else 0.0 for c in completions]
+
+
+def char_codes(completions: list[str], samples: list[dict]) -> list[float]:
+    """A dense reward that differs between almost any two completions: mean character code, scaled to ~[0, 1]."""
+    return [sum(map(ord, c)) / len(c) / 128 if c else 0.0 for c in completions]

@@ -1,0 +1,80 @@
+"""Two processes through `accelerate launch` (gloo on the CPU) train exactly what one process trains."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model, write_config
+from transformers import AutoModelForCausalLM
+
+from rlreason.runlog import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO_PROCESSES = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
+
+
+def launch(config: Path, *extra: str, processes: int) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if processes == 1:
+        command = [sys.executable, "-m", "rlreason", "train", str(config), *extra]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_PROCESSES),
+                   "-m", "rlreason.train", str(config), *extra]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def weights(run_dir: Path, step: int) -> list[torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / f"step-{step:06d}" / "model")
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    model = make_tiny_model(root / "model", seed=5)
+
+    def config(name: str, **train) -> Path:
+        return write_config(
+            root / f"{name}.yaml", model, root / name, rewards=[{"name": "conftest:char_codes"}],
+            rollout={"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 8},
+            train={"steps": 1, "learning_rate": 1e-2, "micro_batch_size": 8, "bf16": "false", "seed": 1, **train},
+            run={"eval_before": False, "save_every": 1, "keep_last": 3},
+        )
+
+    return root, config
+
+
+def test_two_processes_match_one_after_a_step(setup):
+    root, config = setup
+    launch(config("one"), processes=1)
+    launch(config("two"), processes=2)
+    one, two = read_jsonl(root / "one" / "metrics.jsonl"), read_jsonl(root / "two" / "metrics.jsonl")
+    assert one[0]["processes"] == 1 and two[0]["processes"] == 2
+    assert two[0]["reward"] == one[0]["reward"] and two[0]["rewards/conftest:char_codes"] == one[0]["rewards/conftest:char_codes"]
+    completions = [[(c["prompt"], c["completion"], c["total"]) for c in read_jsonl(root / run / "completions.jsonl")] for run in ("one", "two")]
+    assert completions[0] == completions[1] and len(completions[0]) == 16
+    initial = [p.detach() for p in AutoModelForCausalLM.from_pretrained(root / "model").parameters()]
+    w1, w2 = weights(root / "one", 1), weights(root / "two", 1)
+    assert max((a - b).abs().max().item() for a, b in zip(w1, w2, strict=True)) < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(w1, initial, strict=True)) > 1e-4  # the step did move them
+
+
+def test_two_process_run_resumes_from_its_checkpoint(setup):
+    root, config = setup
+    straight = config("straight", steps=2, loss_type="bnpo")
+    launch(straight, processes=2)
+    resumed = config("resumed", steps=1, loss_type="bnpo")
+    launch(resumed, processes=2)
+    launch(resumed, "train.steps=2", "--resume", processes=2)
+    a, b = read_jsonl(root / "straight" / "metrics.jsonl"), read_jsonl(root / "resumed" / "metrics.jsonl")
+    assert [m["step"] for m in b] == [1, 2] and b[1]["processes"] == 2
+    for key in ("reward", "loss", "grad_norm"):
+        assert b[1][key] == pytest.approx(a[1][key], rel=1e-5, abs=1e-8), key
+    diff = max((x - y).abs().max().item() for x, y in zip(weights(root / "straight", 2), weights(root / "resumed", 2), strict=True))
+    assert diff < 1e-5
+    assert json.loads((root / "resumed" / "summary.json").read_text())["steps"] == 2
