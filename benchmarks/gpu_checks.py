@@ -54,7 +54,6 @@ def check_engine(tokenizer, directory: Path) -> None:
     from rlreason.logprobs import completion_logprobs
     from rlreason.models import load_model
     from rlreason.rollout import HFEngine, SamplingParams
-
     from tasks.prompts import render
 
     prompts = tokenizer([render(tokenizer, r["prompt"]) for r in workload.rows(6)], add_special_tokens=False)["input_ids"]
@@ -65,12 +64,17 @@ def check_engine(tokenizer, directory: Path) -> None:
     with torch.no_grad():  # sharper distributions than the init: EOS appears, so compaction runs
         for p in model.parameters():
             p.mul_(8.0 if p.dim() > 1 else 1.0)
-    fast, hf = FastEngine(model, tokenizer, check_every=4), HFEngine(model, tokenizer)
-    for name, params in [
-        ("greedy", SamplingParams(max_new_tokens=48, greedy=True)),
-        ("sampled", SamplingParams(max_new_tokens=48)),
-        ("top-k/top-p", SamplingParams(max_new_tokens=48, temperature=0.7, top_k=20, top_p=0.9)),
+    hf = HFEngine(model, tokenizer)
+    for kernels, name, params in [
+        (kernels, name, params)
+        for kernels in ("torch", "triton")
+        for name, params in [
+            ("greedy", SamplingParams(max_new_tokens=48, greedy=True)),
+            ("sampled", SamplingParams(max_new_tokens=48)),
+            ("top-k/top-p", SamplingParams(max_new_tokens=48, temperature=0.7, top_k=20, top_p=0.9)),
+        ]
     ]:
+        fast = FastEngine(model, tokenizer, check_every=4, kernels=kernels, release_memory=False)
         seeds = list(range(1000, 1000 + 6 * 4))
         a, b = fast.generate(prompts, 4, params, seeds=seeds), hf.generate(prompts, 4, params, seeds=seeds)
         same = sum(x == y for x, y in zip(a.completion_ids.tolist(), b.completion_ids.tolist(), strict=False))
@@ -81,7 +85,7 @@ def check_engine(tokenizer, directory: Path) -> None:
                                            temperature=1.0 if params.greedy else params.temperature)
         m = a.completion_mask.bool()
         diff = (a.logprobs[m] - fresh.cpu()[m]).abs().max().item()
-        print(f"  float32 {name:12s}: rows identical to HFEngine {same}/{len(seeds)} (shape equal {equal_shape}); "
+        print(f"  float32 {kernels:6s} {name:12s}: rows identical to HFEngine {same}/{len(seeds)} (shape equal {equal_shape}); "
               f"lengths {int(lengths.min())}-{int(lengths.max())}; graphs {len(fast._ws.graphs)}; "
               f"max |logprob - fresh| {diff:.2e}", flush=True)
     del model, fast, hf
@@ -89,14 +93,15 @@ def check_engine(tokenizer, directory: Path) -> None:
     # bf16, SmolLM2-360M shape: recorded log-probs against a fresh autocast pass
     workload.build_model("360m", directory / "m360", tokenizer, torch.bfloat16)
     model = load_model(str(directory / "m360"), dtype="bfloat16").cuda()
-    engine = FastEngine(model, tokenizer, dtype=torch.bfloat16)
-    r = engine.generate(prompts, 8, SamplingParams(max_new_tokens=64), seeds=list(range(48)))
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        fresh, _ = completion_logprobs(model, r.prompt_ids.cuda(), r.prompt_mask.cuda(), r.completion_ids.cuda(), r.completion_mask.cuda())
-    m = r.completion_mask.bool()
-    d = (r.logprobs[m] - fresh.float().cpu()[m]).abs()
-    print(f"  bf16 360m: |recorded logprob - fresh autocast pass| mean {d.mean():.3e} max {d.max():.3e} "
-          f"(mean logprob {fresh.float().cpu()[m].mean():.2f})", flush=True)
+    for kernels in ("torch", "triton"):
+        engine = FastEngine(model, tokenizer, dtype=torch.bfloat16, kernels=kernels)
+        r = engine.generate(prompts, 8, SamplingParams(max_new_tokens=64), seeds=list(range(48)))
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            fresh, _ = completion_logprobs(model, r.prompt_ids.cuda(), r.prompt_mask.cuda(), r.completion_ids.cuda(), r.completion_mask.cuda())
+        m = r.completion_mask.bool()
+        d = (r.logprobs[m] - fresh.float().cpu()[m]).abs()
+        print(f"  bf16 360m {kernels:6s}: |recorded logprob - fresh autocast pass| mean {d.mean():.3e} max {d.max():.3e} "
+              f"(mean logprob {fresh.float().cpu()[m].mean():.2f})", flush=True)
 
 
 def main() -> None:

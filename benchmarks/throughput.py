@@ -308,7 +308,8 @@ def main() -> None:
             r["decode"] = {"ms_per_step": per_step * 1e3, "floor_ms": floor * 1e3, "prefill_s": e["prefill_s"]}
             print(f"{r['side']}: decode {per_step * 1e3:.2f} ms/step ({e['rows']} rows), bandwidth floor {floor * 1e3:.3f} ms "
                   f"(weights {e['weight_bytes'] / 1e9:.2f} GB + KV {e['kv_bytes_per_step'] / 1e9:.2f} GB per step at "
-                  f"{bandwidth / 1e12:.2f} TB/s): {per_step / floor:.1f}x the floor; prefill {e['prefill_s'] * 1e3:.0f} ms")
+                  f"{bandwidth / 1e12:.2f} TB/s): {per_step / floor:.1f}x the floor; prefill {e['prefill_s'] * 1e3:.0f} ms; "
+                  f"graph capture {e.get('capture_s', 0) * 1e3:.0f} ms; kernels {e.get('kernels')}")
         elif "TRL" in r["side"]:
             print(f"{r['side']}: generate {r['generate_s'] / args.max_new_tokens * 1e3:.2f} ms per token position (prefill included)")
     if cuda:

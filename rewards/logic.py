@@ -82,13 +82,13 @@ def normalise(text: str) -> str:
     return " ".join(text.strip("\"'").split()).casefold().rstrip(".").strip()
 
 
-@reward("logic_accuracy")
+@reward("logic_accuracy", fields=("dataset", "metadata"))
 def logic_accuracy(completions: list[str], samples: list[dict[str, Any]]) -> list[float | None]:
     """reasoning-gym's own score of the answer block, in [0, 1]."""
     return reasoning_gym_scores(completions, samples)
 
 
-@reward("exact_match")
+@reward("exact_match", fields=("answer",))
 def exact_match(completions: list[str], samples: list[dict[str, Any]]) -> list[float | None]:
     """1.0 when the normalised final answer equals the normalised ``answer``; None for rows without one."""
     scores: list[float | None] = []

@@ -99,7 +99,7 @@ def _applies(sample: dict[str, Any]) -> bool:
     return sample.get("answer") is not None and not is_reasoning_gym_row(sample)
 
 
-@reward("math_accuracy")
+@reward("math_accuracy", fields=("answer",))
 def math_accuracy(completions: list[str], samples: list[dict[str, Any]]) -> list[float | None]:
     """1.0 when the final answer is equivalent to ``sample['answer']``; None for rows without one."""
     rows = [i for i, sample in enumerate(samples) if _applies(sample)]

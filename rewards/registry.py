@@ -19,17 +19,23 @@ RewardFn = Callable[[list[str], list[dict[str, Any]]], list[float | None]]
 
 ENTRY_POINT_GROUP = "rlreason.rewards"
 _REWARDS: dict[str, RewardFn] = {}
+_FIELDS: dict[str, tuple[str, ...]] = {}
 _builtins_loaded = False
 
 
-def reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Register ``fn`` under ``name``; re-registering the same name with another function is an error."""
+def reward(name: str, fields: tuple[str, ...] = ()) -> Callable[[RewardFn], RewardFn]:
+    """Register ``fn`` under ``name``; re-registering the same name with another function is an error.
+
+    ``fields``: sample fields the reward cannot work without, so a run whose dataset lacks them is refused
+    before a model loads instead of scoring None forever.
+    """
 
     def register(fn: RewardFn) -> RewardFn:
         existing = _REWARDS.get(name)
         if existing is not None and existing.__qualname__ != fn.__qualname__:
             raise ValueError(f"reward {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
         _REWARDS[name] = fn
+        _FIELDS[name] = tuple(fields)
         return fn
 
     return register
@@ -80,3 +86,9 @@ def get_reward(name: str) -> RewardFn:
     close = difflib.get_close_matches(name, reward_names(), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise KeyError(f"unknown reward {name!r}{hint} (known: {', '.join(reward_names())})")
+
+
+def required_fields(name: str) -> tuple[str, ...]:
+    """The sample fields a registered reward declared it needs (none for imported or entry-point rewards)."""
+    _load_builtins()
+    return _FIELDS.get(name, ())

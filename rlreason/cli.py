@@ -29,10 +29,14 @@ def _config_from(target: str, overrides: list[str]) -> tuple[Config, Path | None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rlreason.trainer import Trainer
+    from rlreason.trainer import Trainer, TrainingDiverged
 
     config = load_config(args.config, args.overrides)
-    summary = Trainer(config, resume=args.resume).train()
+    try:
+        summary = Trainer(config, resume=args.resume).train()
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -212,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -150,6 +151,8 @@ class TrainConfig:
     """Use the log-probs the "fast" engine recorded while sampling as the old policy's (num_iterations > 1,
     kl_in_reward) instead of a separate forward pass; they differ from a fresh pass by the engine's arithmetic
     (~1e-6 in float32, ~1e-2 in bf16). Needs rollout.engine "fast"."""
+    max_bad_steps: int = 3
+    """Stop after this many consecutive steps whose update was skipped for a non-finite loss or gradient."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -343,7 +346,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
         before = len(problems)
         converted = _coerce(value, hints[key], where, problems)
         # A wrongly typed scalar keeps its default so later checks still run; sections keep their good fields.
-        if len(problems) == before or dataclasses.is_dataclass(converted) or isinstance(converted, list):
+        section = dataclasses.is_dataclass(hints[key]) or typing.get_origin(hints[key]) is list
+        if len(problems) == before or section:
             kwargs[key] = converted
     return cls(**kwargs)
 
@@ -426,6 +430,12 @@ def validate(config: Config) -> list[str]:
     problems += _objective_problems(tr, ro)
     if tr.bf16 not in ("auto", "true", "false"):
         problems.append(f"train.bf16: must be 'auto', 'true' or 'false', got {tr.bf16!r}")
+    if tr.max_bad_steps < 1:
+        problems.append("train.max_bad_steps: must be >= 1")
+    output = Path(config.run.output_dir).absolute()
+    existing = next(p for p in (output, *output.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problems.append(f"run.output_dir: {config.run.output_dir!r} cannot be written ({existing} is not a writable directory)")
     if config.model.dtype not in ("float32", "bfloat16"):
         problems.append(f"model.dtype: must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
     ev = config.eval

@@ -69,7 +69,13 @@ class _Weights:
 
     def __init__(self, model: PreTrainedModel, dtype: torch.dtype, own: bool):
         self.model, self.dtype, self.own = model, dtype, own
+        self.layers: list[dict] | None = None
         self.refresh()
+
+    def drop(self) -> None:
+        """Free the engine's own copies (the next refresh allocates them again)."""
+        if self.own:
+            self.layers = self.embed = self.norm = self.lm_head = None
 
     @staticmethod
     def _bias(module: torch.nn.Module) -> torch.Tensor | None:
@@ -116,7 +122,7 @@ class _Weights:
                 for layer in src["layers"]
             ]
             return
-        if not hasattr(self, "layers"):  # first call: allocate the fused buffers
+        if self.layers is None:  # first call (or after drop): allocate the fused buffers
             def alloc(*tensors: torch.Tensor | None) -> torch.Tensor | None:
                 if any(t is None for t in tensors):
                     return None
@@ -225,6 +231,8 @@ class FastEngine:
         check_every: int = 16,
         compact: bool = True,
         own_weights: bool | None = None,
+        kernels: str | None = None,
+        release_memory: bool | None = None,
     ):
         reason = unsupported_reason(model)
         if reason is not None:
@@ -244,7 +252,21 @@ class FastEngine:
         self.eps = cfg.rms_norm_eps
         self.fused_norm = cuda
         self.window = _sliding_window(cfg)
-        self.weights = _Weights(model, self.dtype, own=cuda if own_weights is None else own_weights)
+        if kernels is None:
+            kernels = "triton" if cuda and _triton_available() and self.head_dim & (self.head_dim - 1) == 0 else "torch"
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"kernels: 'torch' or 'triton', got {kernels!r}")
+        self.kernels = kernels
+        if kernels == "triton":
+            from rlreason import _triton_decode
+
+            self._triton = _triton_decode
+        # the Triton step reads only the filled part of the cache, so one graph serves every step: nothing to keep
+        # between calls that is not cheap to rebuild, and the cache and weight copies are freed after each call
+        self.release_memory = kernels == "triton" and self.cuda_graphs if release_memory is None else release_memory
+        own = cuda if own_weights is None else own_weights
+        self.weights = _Weights(model, self.dtype, own=own or kernels == "triton")
+        self.weight_bytes = self.weights.nbytes()
         self.num_layers = len(self.weights.layers)
         self._ws: _Workspace | None = None
         self._scores_out_dtype = cuda and self.dtype in (torch.bfloat16, torch.float16) and self._bmm_out_dtype_works()
@@ -252,7 +274,7 @@ class FastEngine:
         self.qk_scale = torch.tensor(scale, dtype=self.dtype, device=device).view(1, -1, 1)
         vocab = self.weights.lm_head[0].shape[0]
         self.eos_tensor = torch.tensor([i for i in self.eos_ids if i < vocab], dtype=torch.long, device=device)
-        self.last_stats: dict[str, float] = {}
+        self.last_stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ numerics shared by prefill and decode
 
@@ -338,10 +360,12 @@ class FastEngine:
         )
         return self._ws
 
-    def release(self) -> None:
-        """Free the caches and graphs (the next generate call allocates and captures again)."""
+    def release(self, empty_cache: bool = True) -> None:
+        """Free the caches, graphs and weight copies (the next generate call allocates and captures again);
+        ``empty_cache`` also hands the freed memory back to the driver instead of keeping it for training."""
         self._ws = None
-        if self.device.type == "cuda":
+        self.weights.drop()
+        if empty_cache and self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ prefill: each prompt once
@@ -404,6 +428,9 @@ class FastEngine:
 
     def _step(self, ws: _Workspace, rows_phase: bool, R: int, Pp: int, G: int, B: int, sampling: SamplingParams) -> None:
         """Feed each row's last token, append its keys/values, sample the next token; all on the device."""
+        if self.kernels == "triton":
+            self._step_triton(ws, rows_phase, R, Pp, G, sampling)
+            return
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         rep = H // Hkv
         if rows_phase:
@@ -448,6 +475,32 @@ class FastEngine:
             x = x + F.linear(o.transpose(1, 2).reshape(R, H * D), *layer["o"])
             x = x + self._mlp(self._rms(x, layer["ln2"]), layer)
         logits = F.linear(self._rms(x, self.weights.norm), *self.weights.lm_head).float()
+        self._record(ws, R, logits, sampling)
+
+    def _step_triton(self, ws: _Workspace, rows_phase: bool, R: int, Pp: int, G: int, sampling: SamplingParams) -> None:
+        """The same step with the fused kernels of rlreason._triton_decode (nine launches a layer)."""
+        K, W, eps = self._triton, self.weights, self.eps
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if rows_phase:
+            rc = ws.rows_cache
+            kp, vp, kc, vc, bias = rc["kp"], rc["vp"], rc["kc"], rc["vc"], rc["bias"]
+        else:
+            kp, vp, kc, vc, bias = ws.kp, ws.vp, ws.kc, ws.vc, ws.bias_p
+        x = F.embedding(ws.tokens[:R], W.embed)  # the residual stream, updated in place by add_rms_norm
+        delta = None
+        for i, layer in enumerate(W.layers):
+            h = K.add_rms_norm(x, delta, layer["ln1"], eps)
+            qkv = F.linear(h, *layer["qkv"])
+            q = K.rope_and_cache(qkv, ws.cos, ws.sin, ws.pos0, ws.t, kc[i, :Pp], vc[i, :Pp], layer["q_norm"], layer["k_norm"], eps, H, Hkv, D, G)
+            attn = K.decode_attention(q, kp[i, :Pp], vp[i, :Pp], bias[:Pp], kc[i, :Pp], vc[i, :Pp], ws.t, G)
+            h = K.add_rms_norm(x, F.linear(attn, *layer["o"]), layer["ln2"], eps)
+            delta = F.linear(K.silu_mul(F.linear(h, *layer["gate_up"])), *layer["down"])
+        logits = F.linear(K.add_rms_norm(x, delta, W.norm, eps), *W.lm_head).float()
+        self._record(ws, R, logits, sampling)
+
+    def _record(self, ws: _Workspace, R: int, logits: torch.Tensor, sampling: SamplingParams) -> None:
+        """Sample from the step's logits and write the token, its log-prob and the row's state."""
+        t = ws.t
         tokens, logprobs = self._sample(logits, ws.seeds[:R], t, sampling)
         rows = ws.row_ids[:R]
         column = t.expand(R)
@@ -461,6 +514,8 @@ class FastEngine:
         if not self.cuda_graphs:
             self._step(ws, rows_phase, R, Pp, G, B, sampling)
             return
+        if self.kernels == "triton":
+            B = 0  # the attention kernel reads the step from the device: one graph for every step
         key = (rows_phase, R, Pp, G, B, sampling.greedy, sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_new_tokens)
         graph = ws.graphs.get(key)
         if graph is not None:
@@ -581,6 +636,8 @@ class FastEngine:
         width = int(cmask.sum(dim=1).max())
         completion_ids = torch.where(cmask.bool(), out_tokens, self.tokenizer.pad_token_id)[:, :width]
         cmask, logprobs = cmask[:, :width], (out_logprobs * cmask)[:, :width]
+        if self.release_memory:
+            self.release(empty_cache=False)
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         rep_ids, rep_mask = left_pad([p for p in prompt_ids for _ in range(n)], self.tokenizer.pad_token_id)
         kv_token_bytes = 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
@@ -590,7 +647,8 @@ class FastEngine:
             decode_steps=steps,
             rows=N,
             row_steps=row_steps,
-            weight_bytes=self.weights.nbytes(),
+            weight_bytes=self.weight_bytes,
+            kernels=self.kernels,
             # the fewest KV bytes a decode step must read, averaged over the steps: each prompt once, each row's own tokens
             kv_bytes_per_step=kv_token_bytes * (float(lengths.sum()) + N * (t / 2)) if steps else 0.0,
         )
@@ -603,6 +661,14 @@ class FastEngine:
             truncated=truncated,
             logprobs=logprobs,
         )
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def seeded_draw(count: int) -> list[int]:

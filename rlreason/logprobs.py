@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-CHUNK_BYTES = 1 << 28
-"""Float32 logits per chunk of the vocabulary projection (256 MiB): tokens per chunk = CHUNK_BYTES / (4 x vocab)."""
+CHUNK_BYTES = 1 << 26
+"""Float32 logits per chunk of the vocabulary projection (64 MiB): tokens per chunk = CHUNK_BYTES / (4 x vocab)."""
 
 
 def completion_logprobs(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from rewards.registry import RewardFn, get_reward
+from rewards.registry import RewardFn, get_reward, required_fields
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +98,16 @@ def score(
     weights = np.array([r.weight for r in rewards])
     total = np.nansum(matrix * weights, axis=1)
     return Scores([r.name for r in rewards], matrix, total, failures)
+
+
+def missing_fields(rewards: list[WeightedReward], columns: list[str], task: str) -> list[str]:
+    """A problem line for each reward whose declared sample fields the task's rows do not have."""
+    problems = []
+    for i, r in enumerate(rewards):
+        missing = [f for f in required_fields(r.name) if f not in columns]
+        if missing:
+            problems.append(
+                f"rewards[{i}].name: {r.name!r} reads the sample field(s) {missing}, which rows of task {task!r} "
+                f"do not have (they have: {', '.join(columns)})"
+            )
+    return problems

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import re
 import shutil
@@ -47,7 +48,7 @@ from rlreason.reasoning import Milestones, length_stats, reasoning_stats, task_a
 from rlreason.rollout import Rollout, SamplingParams, concat_rollouts
 from rlreason.runlog import COMPLETIONS, EVALS, METRICS, Progress, RunLog, read_jsonl, truncate_after
 from rlreason.sampling import completion_seed
-from rlreason.scoring import Scores, resolve_rewards, score
+from rlreason.scoring import Scores, missing_fields, resolve_rewards, score
 from tasks.registry import load_task
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,10 @@ def prepare_run_dir(config: Config, resume: bool) -> Path:
     return run_dir
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive updates were non-finite for the run to be worth continuing."""
+
+
 class Trainer:
     def __init__(self, config: Config, resume: bool = False):
         self.config = config
@@ -106,6 +111,15 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         set_seed(tr.seed)
 
+        # data and rewards first: a dataset that cannot be scored is refused before any model loads
+        self.rewards = resolve_rewards(config.rewards)
+        tc = config.task
+        self.train_data = load_task(tc.name, "train", tc.train_size, tr.seed, **tc.options)
+        self.eval_data = load_task(tc.name, "eval", tc.eval_size, tr.seed, **tc.options)
+        problems = missing_fields(self.rewards, self.train_data.column_names, tc.name)
+        if problems:
+            raise ConfigError(problems)
+
         mc = config.model
         self.tokenizer = load_tokenizer(mc.name, mc.cache_dir, mc.revision)
         model = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision)
@@ -122,10 +136,6 @@ class Trainer:
             self.reference = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision).to(self.accelerator.device)
             self.reference.eval().requires_grad_(False)
 
-        self.rewards = resolve_rewards(config.rewards)
-        tc = config.task
-        self.train_data = load_task(tc.name, "train", tc.train_size, tr.seed, **tc.options)
-        self.eval_data = load_task(tc.name, "eval", tc.eval_size, tr.seed, **tc.options)
         self.engine = build_engine(config.rollout.engine, self.accelerator.unwrap_model(self.model), self.tokenizer, use_bf16)
         self.sampling = SamplingParams(
             config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p, config.rollout.top_k
@@ -150,9 +160,19 @@ class Trainer:
                 self.evaluate("sft")
         milestones = Milestones(cfg.run.milestones, read_jsonl(self.run_dir / METRICS))
         progress = Progress(cfg.train.steps, self.step, cfg.run.progress, cfg.run.log_every, milestones, self.is_main)
+        bad_steps = 0
         while self.step < cfg.train.steps:
             metrics = self.train_step()
             progress.update(metrics)
+            bad_steps = bad_steps + 1 if metrics["skipped_updates"] else 0
+            if bad_steps >= cfg.train.max_bad_steps:
+                last = latest_checkpoint(self.run_dir)
+                self.runlog.close()
+                raise TrainingDiverged(
+                    f"{bad_steps} steps in a row ended with a non-finite loss or gradient (last at step {self.step}); "
+                    f"the weights were not updated by them. Last good checkpoint: {last or 'none saved yet'}. "
+                    "Lower train.learning_rate or check the rewards, then resume with --resume."
+                )
             if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.train.steps:
                 self.evaluate("grpo")
             if cfg.run.save_every and self.step % cfg.run.save_every == 0:
@@ -396,12 +416,18 @@ class Trainer:
                 totals["entropy"].append(float(masked_mean(entropy.detach(), mask)))
                 if "kl" in stats:
                     totals["kl"].append(float(masked_mean(stats["kl"], mask)))
-            if tr.max_grad_norm > 0:
-                totals["grad_norm"].append(float(self.accelerator.clip_grad_norm_(self.model.parameters(), tr.max_grad_norm)))
-            self.optimizer.step()
-            self.scheduler.step()
+            # the norm is computed (and clipping skipped) with an infinite threshold when clipping is off
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), tr.max_grad_norm or float("inf")))
+            if math.isfinite(grad_norm) and all(math.isfinite(v) for v in totals["loss"]):
+                totals["grad_norm"].append(grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+            else:  # a NaN/inf update would poison the weights for good: drop it, count it, say so
+                totals.setdefault("skipped_updates", []).append(1.0)
+                log.warning("step %d: non-finite loss or gradient norm (%s), update skipped", self.step + 1, grad_norm)
             self.optimizer.zero_grad(set_to_none=True)
         out = {k: float(np.mean(v)) for k, v in totals.items() if v}
+        out["skipped_updates"] = float(np.sum(totals.get("skipped_updates", [0.0])))
         out["loss"] = float(np.sum(totals["loss"])) / tr.num_iterations
         if tr.overlong == "mask" or tr.top_entropy_quantile < 1:
             out["trained_token_fraction"] = float((weights > 0).sum() / rollout.completion_mask.sum().clamp(min=1))

@@ -41,7 +41,13 @@ def _model(directory, arch, seed=0):
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def model_and_tokenizer(request, tmp_path_factory):
+    """Llama, Qwen2 (q/k/v biases) and Qwen3 (q/k norms)."""
     return _model(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _model(tmp_path_factory.mktemp("llama"), "llama")
 
 
 def _prompts(tokenizer):
@@ -57,20 +63,20 @@ def _same(a, b):
     assert a.prompt_ids.tolist() == b.prompt_ids.tolist() and a.prompt_mask.tolist() == b.prompt_mask.tolist()
 
 
-@pytest.mark.parametrize("own_weights", [False, True])
-def test_greedy_equals_reference(model_and_tokenizer, own_weights):
-    """own_weights: the engine's fused copies of q/k/v and gate/up (its CUDA layout) give the same tokens."""
+def test_greedy_equals_reference(model_and_tokenizer):
+    """Also with the engine's own fused copies of q/k/v and gate/up (its CUDA layout)."""
     model, tokenizer = model_and_tokenizer
-    params = SamplingParams(max_new_tokens=24, greedy=True)
-    fast = FastEngine(model, tokenizer, own_weights=own_weights).generate(_prompts(tokenizer), 2, params)
-    _same(fast, HFEngine(model, tokenizer).generate(_prompts(tokenizer), 2, params))
+    params = SamplingParams(max_new_tokens=16, greedy=True)
+    reference = HFEngine(model, tokenizer).generate(_prompts(tokenizer), 2, params)
+    for own_weights in (False, True):
+        _same(FastEngine(model, tokenizer, own_weights=own_weights).generate(_prompts(tokenizer), 2, params), reference)
 
 
 @pytest.mark.parametrize("filters", [{}, {"top_k": 5, "top_p": 0.9, "temperature": 0.7}])
-def test_seeded_sampling_equals_reference(model_and_tokenizer, filters):
+def test_seeded_sampling_equals_reference(llama, filters):
     """With the same completion seeds, both engines draw the same tokens (rlreason.sampling)."""
-    model, tokenizer = model_and_tokenizer
-    params = SamplingParams(max_new_tokens=24, **filters)
+    model, tokenizer = llama
+    params = SamplingParams(max_new_tokens=16, **filters)
     seeds = list(range(100, 112))
     fast = FastEngine(model, tokenizer, check_every=4).generate(_prompts(tokenizer), 4, params, seeds=seeds)
     hf = HFEngine(model, tokenizer).generate(_prompts(tokenizer), 4, params, seeds=seeds)
@@ -92,13 +98,13 @@ def test_logprobs_match_a_fresh_forward_pass(model_and_tokenizer):
     torch.testing.assert_close(rollout.logprobs[mask], fresh[mask], atol=LOGPROB_ATOL, rtol=0)
 
 
-def test_min_new_tokens_and_compaction(model_and_tokenizer):
+def test_min_new_tokens_and_compaction(llama):
     """EOS is held back until min_new_tokens; rows that end are compacted away without changing anyone's tokens."""
-    model, tokenizer = model_and_tokenizer
+    model, tokenizer = llama
     prompts, seeds = _prompts(tokenizer), list(range(200, 224))
-    forced = FastEngine(model, tokenizer).generate(prompts, 8, SamplingParams(max_new_tokens=12, min_new_tokens=12), seeds=seeds)
-    assert (forced.completion_mask.sum(dim=1) == 12).all()
-    params = SamplingParams(max_new_tokens=40)
+    forced = FastEngine(model, tokenizer).generate(prompts, 8, SamplingParams(max_new_tokens=8, min_new_tokens=8), seeds=seeds)
+    assert (forced.completion_mask.sum(dim=1) == 8).all()
+    params = SamplingParams(max_new_tokens=30)
     compacted = FastEngine(model, tokenizer, check_every=2, compact=True).generate(prompts, 8, params, seeds=seeds)
     plain = FastEngine(model, tokenizer, check_every=2, compact=False).generate(prompts, 8, params, seeds=seeds)
     _same(compacted, plain)

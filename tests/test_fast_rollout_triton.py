@@ -1,0 +1,96 @@
+"""The fast engine's Triton kernels against its PyTorch path and the reference engine.
+
+Runs where Triton is installed: on a GPU, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, which
+must be set before Python starts). Skipped otherwise; CI has no Triton.
+"""
+
+import os
+
+import pytest
+import torch
+from conftest import build_char_tokenizer, tiny_config
+
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton needs a GPU here, or TRITON_INTERPRET=1", allow_module_level=True)
+
+from rlreason import _triton_decode as K  # noqa: E402
+from rlreason.fast_rollout import FastEngine  # noqa: E402
+from rlreason.models import load_model, load_tokenizer  # noqa: E402
+from rlreason.rollout import HFEngine, SamplingParams  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_add_rms_norm_and_silu_mul():
+    x, delta, w = torch.randn(5, 96), torch.randn(5, 96), torch.randn(96)
+    expected_x = x + delta
+    normed = expected_x * torch.rsqrt(expected_x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    out = K.add_rms_norm(x, delta, w, 1e-5)
+    torch.testing.assert_close(x, expected_x)
+    torch.testing.assert_close(out, w * normed, atol=1e-5, rtol=1e-5)
+    gu = torch.randn(3, 2 * 70)
+    torch.testing.assert_close(K.silu_mul(gu), torch.nn.functional.silu(gu[:, :70]) * gu[:, 70:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_cache_and_attention_against_plain_math(qk_norm):
+    torch.manual_seed(0)
+    Pp, G, H, Hkv, D, Wp, Wc, t = 2, 3, 4, 2, 16, 7, 9, 5
+    R = Pp * G
+    qkv = torch.randn(R, (H + 2 * Hkv) * D)
+    pos0 = torch.tensor([3, 3, 3, 6, 6, 6])
+    angles = torch.arange(40).float()[:, None] * torch.rand(D // 2)[None, :]
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    signed_sin = torch.cat([-sin[:, : D // 2], sin[:, D // 2 :]], -1)
+    kc, vc = torch.randn(Pp, Hkv, G, Wc, D), torch.randn(Pp, Hkv, G, Wc, D)
+    qn, kn = (torch.rand(D) + 0.5, torch.rand(D) + 0.5) if qk_norm else (None, None)
+    tt = torch.tensor(t)
+    q = K.rope_and_cache(qkv, cos, signed_sin, pos0, tt, kc, vc, qn, kn, 1e-6, H, Hkv, D, G)
+
+    def rope(x, pos):
+        rot = torch.cat([-x[..., D // 2 :], x[..., : D // 2]], -1)
+        return x * cos[pos][:, None] + rot * sin[pos][:, None]
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w if w is not None else x
+
+    pos = pos0 + t - 1
+    q_ref = rope(norm(qkv[:, : H * D].view(R, H, D), qn), pos) * D**-0.5
+    k_ref = rope(norm(qkv[:, H * D : (H + Hkv) * D].view(R, Hkv, D), kn), pos)
+    v_ref = qkv[:, (H + Hkv) * D :].view(R, Hkv, D)
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kc[:, :, :, t - 1].permute(0, 2, 1, 3).reshape(R, Hkv, D), k_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vc[:, :, :, t - 1].permute(0, 2, 1, 3).reshape(R, Hkv, D), v_ref)
+
+    kp, vp = torch.randn(Pp, Hkv, Wp, D), torch.randn(Pp, Hkv, Wp, D)
+    bias = torch.zeros(Pp, Wp)
+    bias[0, :2] = float("-inf")  # left padding of the first prompt
+    out = K.decode_attention(q, kp, vp, bias, kc, vc, tt, G)
+    for r in range(R):
+        p, g = divmod(r, G)
+        keys = torch.cat([kp[p], kc[p, :, g, :t]], dim=1).repeat_interleave(H // Hkv, 0)  # [H, Wp + t, D]
+        values = torch.cat([vp[p], vc[p, :, g, :t]], dim=1).repeat_interleave(H // Hkv, 0)
+        scores = (q[r].unsqueeze(1) @ keys.transpose(1, 2)).squeeze(1) + torch.cat([bias[p], torch.zeros(t)])
+        expected = (scores.softmax(-1).unsqueeze(1) @ values).squeeze(1).reshape(H * D)
+        torch.testing.assert_close(out[r], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_triton_engine_draws_the_reference_tokens(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_char_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), tokenizer.eos_token_id))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(6.0 if p.dim() > 1 else 1.0)
+    model.save_pretrained(tmp_path)
+    model, tokenizer = load_model(str(tmp_path)).to(DEVICE), load_tokenizer(str(tmp_path))
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["What is 2 + 3?", "hi"]]
+    params, seeds = SamplingParams(max_new_tokens=12), list(range(8))
+    fast = FastEngine(model, tokenizer, kernels="triton", check_every=4).generate(prompts, 4, params, seeds=seeds)
+    hf = HFEngine(model, tokenizer).generate(prompts, 4, params, seeds=seeds)
+    assert fast.completion_ids.tolist() == hf.completion_ids.tolist()
+    assert fast.texts == hf.texts
