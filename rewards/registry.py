@@ -41,17 +41,19 @@ def reward(name: str, fields: tuple[str, ...] = ()) -> Callable[[RewardFn], Rewa
     return register
 
 
-def _load_builtins() -> None:
-    """Import every module of this package once, so their @reward decorators run."""
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    import rewards
+def import_modules(package: str, skip: tuple[str, ...] = ()) -> None:
+    """Import every module of ``package`` (but ``skip``), so the registering decorators in them run."""
+    module = importlib.import_module(package)
+    for info in pkgutil.iter_modules(module.__path__):
+        if info.name not in skip:
+            importlib.import_module(f"{package}.{info.name}")
 
-    for info in pkgutil.iter_modules(rewards.__path__):
-        if info.name != "registry":
-            importlib.import_module(f"rewards.{info.name}")
-    _builtins_loaded = True
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        import_modules("rewards", skip=("registry",))
+        _builtins_loaded = True
 
 
 def _from_import_path(spec: str) -> RewardFn:

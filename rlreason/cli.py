@@ -44,17 +44,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from rlreason.data import task_dataset
     from rlreason.evaluate import evaluate_config
     from rlreason.models import load_model, load_tokenizer
     from rlreason.rollout import HFEngine
     from rlreason.scoring import resolve_rewards
-    from tasks.registry import load_task
 
     config, run_dir = _config_from(args.target, args.overrides)
     mc, tc = config.model, config.task
     tokenizer = load_tokenizer(mc.name, mc.cache_dir, mc.revision)
     model = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision).to("cuda" if torch.cuda.is_available() else "cpu")
-    data = load_task(tc.name, "eval", tc.eval_size, config.train.seed, **tc.options)
+    data = task_dataset(tc, "eval", config.train.seed)
     result = evaluate_config(config, HFEngine(model, tokenizer), tokenizer, data, resolve_rewards(config.rewards))
     report_dir = run_dir or Path(config.run.output_dir)
     report_dir.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,9 @@ class TaskConfig:
     """Number of training prompts drawn from the train split."""
     eval_size: int = 100
     """Number of held-out prompts used by evaluation."""
+    mix: list[dict[str, Any]] = field(default_factory=list)
+    """Train on a mixture: ``[{name, weight, options}, ...]``; when set it replaces ``name`` and ``options``, and
+    rows keep their own ``task`` so each reward scores only the rows it verifies."""
 
 
 @dataclass
@@ -172,8 +175,10 @@ class SFTConfig:
     pack: bool = True
     """Lay a step's conversations end to end in rows of up to pack_length tokens instead of padding each to the
     longest; attention never crosses conversations, so the loss equals the padded one (tests/test_sft.py)."""
-    pack_length: int = 2048
-    """Tokens per packed row; a longer conversation gets a row of its own (nothing is cut)."""
+    pack_length: int = 0
+    """Tokens per packed row; 0: the step's longest conversation, so rows are never wider than padded ones and a packed
+    step never costs more than a padded one (attention without varlen kernels is quadratic in the row width). A
+    conversation longer than a row gets a row of its own (nothing is cut)."""
 
 
 @dataclass
@@ -456,13 +461,24 @@ def validate(config: Config) -> list[str]:
         get_task_builder(config.task.name)
     except KeyError as exc:
         problems.append(f"task.name: {exc.args[0]}")
+    for i, part in enumerate(config.task.mix):
+        unknown = set(part) - {"name", "weight", "options"}
+        if unknown or "name" not in part:
+            problems.append(f"task.mix[{i}]: expected {{name, weight, options}}, got {part}")
+            continue
+        try:
+            get_task_builder(part["name"])
+        except KeyError as exc:
+            problems.append(f"task.mix[{i}].name: {exc.args[0]}")
+        if not isinstance(part.get("weight", 1.0), (int, float)) or part.get("weight", 1.0) <= 0:
+            problems.append(f"task.mix[{i}].weight: must be a number > 0, got {part.get('weight')!r}")
     if config.sft.data is not None and config.sft.steps > 0 and not Path(config.sft.data).is_file():
         problems.append(f"sft.data: file {config.sft.data!r} does not exist")
     for name, threshold in config.run.milestones.items():
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
             problems.append(f"run.milestones.{name}: the threshold must be a number, got {threshold!r}")
-    if config.sft.pack_length < 1:
-        problems.append("sft.pack_length: must be >= 1")
+    if config.sft.pack_length < 0:
+        problems.append("sft.pack_length: must be >= 0 (0: the step's longest conversation)")
     problems += _sample_problems(config.sample)
     return problems
 

@@ -5,9 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from tasks.mix import mix_tasks
 from tasks.prompts import render
+from tasks.registry import load_task
+
+
+def task_dataset(task_config: Any, split: str, seed: int) -> Dataset:
+    """The rows of a config's task (or mixture of tasks) for ``split``."""
+    size = task_config.train_size if split == "train" else task_config.eval_size
+    if task_config.mix:
+        specs = [(m["name"], float(m.get("weight", 1.0)), m.get("options", {})) for m in task_config.mix]
+        return mix_tasks(specs, split, size, seed)
+    return load_task(task_config.name, split, size, seed, **task_config.options)
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]]) -> list[list[int]]:

@@ -1,6 +1,6 @@
 """Held-out evaluation: greedy accuracy, and with sampling pass@k, maj@k and verifier-guided best-of-n.
 
-"Correct" means the first configured reward (by convention the task's correctness verifier) scored 1.
+"Correct" means the first configured reward that applies to the row (its task's correctness verifier) scored 1.
 "accuracy" is the greedy pass@1. Best-of-n is test-time compute: sample n, keep the completion the configured
 rewards score highest (total), and report whether that one is correct.
 """
@@ -36,8 +36,8 @@ def _generate(
 
 
 def _correct(scores: Scores) -> np.ndarray:
-    """[N] bool: the first reward scored 1 (False where it does not apply)."""
-    first = np.nan_to_num(scores.columns[:, 0], nan=0.0) if scores.columns.shape[1] else np.zeros(len(scores.total))
+    """[N] bool: the correctness reward that applies to the row scored 1 (False where none applies)."""
+    first = np.nan_to_num(scores.correctness(), nan=0.0)
     return first >= CORRECT
 
 
@@ -75,7 +75,7 @@ def evaluate(
     rows = dataset.to_list()
     texts, lengths = _generate(engine, tokenizer, rows, 1, SamplingParams(max_new_tokens, greedy=True), batch_size)
     scores = score(texts, rows, rewards, reward_timeout)
-    first = scores.columns[:, 0] if scores.columns.shape[1] else np.zeros(len(rows))
+    first = scores.correctness()
     result: dict[str, Any] = {
         "accuracy": float(np.nanmean(first)) if not np.isnan(first).all() else 0.0,
         "rewards": scores.means(),

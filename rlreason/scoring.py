@@ -38,6 +38,18 @@ class Scores:
     failures: dict[str, int] = field(default_factory=dict)
     """Completions per reward that scored 0 because the reward raised or returned something invalid."""
 
+    def correctness(self) -> np.ndarray:
+        """[N] per completion, the first configured reward that applies to it (NaN if none does).
+
+        By convention a config lists each task's correctness verifier before any shaping reward, so in a mixed
+        batch a math row is judged by the math verifier and a logic row by the logic one.
+        """
+        if not self.columns.shape[1]:
+            return np.full(len(self.total), np.nan)
+        applies = ~np.isnan(self.columns)
+        first = np.where(applies.any(axis=1), applies.argmax(axis=1), 0)
+        return self.columns[np.arange(len(first)), first]
+
     def means(self) -> dict[str, float]:
         """Mean of each reward over the samples it applies to (NaN-free: a reward that never applied is omitted)."""
         return {n: float(np.nanmean(c)) for n, c in zip(self.names, self.columns.T, strict=True) if not np.isnan(c).all()}

@@ -85,7 +85,8 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def _collate_packed(examples: list[tuple[list[int], list[int]]], capacity: int, pad_id: int) -> dict[str, torch.Tensor]:
-    rows = pack_rows([len(ids) for ids, _ in examples], capacity)
+    lengths = [len(ids) for ids, _ in examples]
+    rows = pack_rows(lengths, capacity or max(lengths))
     width = max(sum(len(examples[i][0]) for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id)
     labels = torch.full((len(rows), width), IGNORE)
@@ -103,7 +104,8 @@ def _collate_packed(examples: list[tuple[list[int], list[int]]], capacity: int, 
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, pack_length: int | None = None) -> dict[str, torch.Tensor]:
-    """The model inputs of one step: padded rows, or with ``pack_length`` packed rows of at most that many tokens."""
+    """The model inputs of one step: padded rows, or with ``pack_length`` packed rows of at most that many tokens
+    (0: as many as the longest example)."""
     return _collate(examples, pad_id) if pack_length is None else _collate_packed(examples, pack_length, pad_id)
 
 

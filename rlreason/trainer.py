@@ -38,7 +38,7 @@ from rlreason.advantages import (
     zero_variance_groups,
 )
 from rlreason.config import Config, ConfigError, save_config
-from rlreason.data import PromptStream, encode_prompts
+from rlreason.data import PromptStream, encode_prompts, task_dataset
 from rlreason.evaluate import evaluate_config
 from rlreason.fast_rollout import build_engine
 from rlreason.logprobs import completion_logprobs
@@ -49,7 +49,6 @@ from rlreason.rollout import Rollout, SamplingParams, concat_rollouts
 from rlreason.runlog import COMPLETIONS, EVALS, METRICS, Progress, RunLog, read_jsonl, truncate_after
 from rlreason.sampling import completion_seed
 from rlreason.scoring import Scores, missing_fields, resolve_rewards, score
-from tasks.registry import load_task
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +113,9 @@ class Trainer:
         # data and rewards first: a dataset that cannot be scored is refused before any model loads
         self.rewards = resolve_rewards(config.rewards)
         tc = config.task
-        self.train_data = load_task(tc.name, "train", tc.train_size, tr.seed, **tc.options)
-        self.eval_data = load_task(tc.name, "eval", tc.eval_size, tr.seed, **tc.options)
-        problems = missing_fields(self.rewards, self.train_data.column_names, tc.name)
+        self.train_data = task_dataset(tc, "train", tr.seed)
+        self.eval_data = task_dataset(tc, "eval", tr.seed)
+        problems = missing_fields(self.rewards, self.train_data.column_names, "+".join(m["name"] for m in tc.mix) or tc.name)
         if problems:
             raise ConfigError(problems)
 
@@ -213,7 +212,7 @@ class Trainer:
                 samples, texts, scores, advantages, lengths, truncated, stats, tokens
             )
             rewards = torch.tensor(scores.total, dtype=torch.float32).view(-1, G)
-        first = scores.columns[:, 0]
+        first = scores.correctness()
         metrics = {
             "step": self.step,
             "reward": float(scores.total.mean()),

@@ -12,12 +12,12 @@ to train on it. ``tasks.mix.mix_tasks`` combines tasks into one dataset.
 from __future__ import annotations
 
 import difflib
-import importlib
-import pkgutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from datasets import Dataset
+
+from rewards.registry import import_modules
 
 TaskBuilder = Callable[..., Dataset]
 SPLITS = ("train", "eval")
@@ -41,14 +41,9 @@ def task(name: str, rewards: Sequence[str] = ()) -> Callable[[TaskBuilder], Task
 
 def _load_builtins() -> None:
     global _builtins_loaded
-    if _builtins_loaded:
-        return
-    import tasks
-
-    for info in pkgutil.iter_modules(tasks.__path__):
-        if info.name not in ("registry", "prompts"):
-            importlib.import_module(f"tasks.{info.name}")
-    _builtins_loaded = True
+    if not _builtins_loaded:
+        import_modules("tasks", skip=("registry", "prompts"))
+        _builtins_loaded = True
 
 
 def task_names() -> list[str]:

@@ -52,10 +52,11 @@ def test_packed_loss_equals_padded_loss(tmp_path, arch):
     tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
     conversations = [[*chat(f"{a}+{7 * a}?", system=""), {"role": "assistant", "content": "x" * 5 * a + f"<answer>{8 * a}</answer>"}] for a in range(1, 7)]
     examples = [encode_conversation(tokenizer, m) for m in conversations]
-    packed = collate(examples, tokenizer.pad_token_id, pack_length=100)
-    assert packed["input_ids"].shape[0] < len(examples)
+    packed = collate(examples, tokenizer.pad_token_id, pack_length=0)  # rows as wide as the longest conversation
+    padded = collate(examples, tokenizer.pad_token_id)
+    assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1] and packed["input_ids"].shape[0] < len(examples)
     with torch.no_grad():
-        padded_loss = model(**collate(examples, tokenizer.pad_token_id), use_cache=False).loss
+        padded_loss = model(**padded, use_cache=False).loss
         packed_loss = model(**packed, use_cache=False).loss
         leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])}
         leaky_loss = model(**leaky, use_cache=False).loss  # one long sequence per row: conversations see each other
