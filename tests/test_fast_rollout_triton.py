@@ -94,3 +94,17 @@ def test_triton_engine_draws_the_reference_tokens(tmp_path, arch):
     hf = HFEngine(model, tokenizer).generate(prompts, 4, params, seeds=seeds)
     assert fast.completion_ids.tolist() == hf.completion_ids.tolist()
     assert fast.texts == hf.texts
+
+
+def test_triton_compaction_keeps_every_row(tmp_path):
+    from test_fast_rollout import _model, _prompts
+
+    model, tokenizer = _model(tmp_path, "llama")
+    model = model.to(DEVICE)
+    prompts, seeds, params = _prompts(tokenizer), list(range(200, 224)), SamplingParams(max_new_tokens=30)
+    compacted = FastEngine(model, tokenizer, kernels="triton", check_every=2).generate(prompts, 8, params, seeds=seeds)
+    plain = FastEngine(model, tokenizer, kernels="torch", check_every=2, compact=False).generate(prompts, 8, params, seeds=seeds)
+    assert compacted.completion_ids.tolist() == plain.completion_ids.tolist()
+    lengths = plain.completion_mask.sum(dim=1)
+    assert lengths.min() < lengths.max()
+    torch.testing.assert_close(compacted.logprobs, plain.logprobs, atol=1e-4, rtol=0)

@@ -50,7 +50,7 @@ def test_packed_loss_equals_padded_loss(tmp_path, arch):
     """Attention never crosses conversations in a packed row: the loss is the padded one to float error."""
     model_dir = make_tiny_model(tmp_path, arch)
     tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
-    conversations = [[*chat(f"{a}+{7 * a}?", system=""), {"role": "assistant", "content": "x" * 5 * a + f"<answer>{8 * a}</answer>"}] for a in range(1, 7)]
+    conversations = [[*chat(f"{a}+{7 * a}?", system=""), {"role": "assistant", "content": "x" * 3 * a * a + f"<answer>{8 * a}</answer>"}] for a in range(1, 7)]
     examples = [encode_conversation(tokenizer, m) for m in conversations]
     packed = collate(examples, tokenizer.pad_token_id, pack_length=0)  # rows as wide as the longest conversation
     padded = collate(examples, tokenizer.pad_token_id)
