@@ -5,8 +5,11 @@ Same interface and, for the same seeds, the same completions as ``HFEngine`` (th
 - each prompt is prefilled once; its keys and values are stored once and read by all n completions of its group
   (the group's queries attend the shared prompt cache, then each row its own completion cache);
 - a static KV cache; on CUDA each decode step (the whole forward, sampling and bookkeeping) is captured in a CUDA
-  graph, one per completion-cache width bucket, so a step costs one graph launch and the attention reads only the
-  bucket, not the whole cache;
+  graph, so a step costs one graph launch. With Triton (``kernels="triton"``, the default on CUDA when it is
+  installed) the step is nine fused launches a layer (rlreason._triton_decode) and its attention reads the step
+  number on the device, so one graph serves every step; the caches, graphs and weight copies are then freed after
+  each call (``release_memory``) and generation adds nothing to the training step's peak memory. With
+  ``kernels="torch"`` (any device) there is one graph per cache-width bucket of ``block`` slots;
 - sampling on the device with ``rlreason.sampling``'s per-completion seeds (temperature, top-k, top-p);
 - the log-probability of every sampled token (at the sampling temperature, before top-k/top-p, like
   ``completion_logprobs``) recorded as it is sampled: ``Rollout.logprobs``;

@@ -112,6 +112,7 @@ def test_sample_keeps_only_verified_train_answers_with_provenance(teacher_run, t
     verified = int(printed.split("verified ")[1].split()[0])
     assert verified < 64 * 4, "the teacher should be imperfect, so that the filter is exercised"
     assert main(["sample", str(teacher_run), "--n", "4", "--out", str(out)]) == 2, "an existing dataset is not overwritten"
+    assert main(["sft", str(teacher_run.parent / "teacher.yaml")]) == 2, "nor is a finished SFT run"
 
 
 def test_distill_teaches_a_student_with_another_tokenizer(teacher_run, tmp_path, capsys):
