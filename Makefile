@@ -28,7 +28,7 @@ train: $(STAMP) runs/cold_start/arithmetic.jsonl
 test: $(STAMP)
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
-		echo "warning: chromium could not be installed; the HTML report's browser test will be skipped"
+		echo "warning: chromium could not be installed; the HTML report's browser test will fail"
 	$(VENV)/bin/ruff check rlreason rewards tasks tests benchmarks
 	$(PY) -m pytest -q
 

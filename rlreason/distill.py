@@ -203,6 +203,20 @@ def fine_tune(config: Config) -> dict[str, Any]:
     return {**trainer.summary(), "loss": [losses[0], losses[-1]], "model": str(out)}
 
 
+def resolve_teacher(spec: str) -> tuple[str, int | None]:
+    """``sample.teacher`` as a model name and its training step: a run directory's newest weights, or ``spec`` itself
+    (a model directory, .gguf file, hub id or "default")."""
+    path = Path(spec)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        model, step = run_model(path)
+        if model is None:
+            raise ConfigError([f"sample.teacher: run directory {spec} holds no checkpoint and no {SFT_MODEL_DIR}"])
+        return str(model), step
+    if not path.exists() and len(path.parts) > 1 and Path(path.parts[0]).is_dir():  # a local path, not a hub id
+        raise ConfigError([f"sample.teacher: {spec} does not exist"])
+    return spec, None
+
+
 def distill(config: Config) -> dict[str, Any]:
     """Teacher (``sample.teacher``: run directory or model) -> rejection sampling on the train split -> SFT of
     ``model.name`` on the kept completions -> held-out evaluation."""
@@ -212,14 +226,10 @@ def distill(config: Config) -> dict[str, Any]:
         problems.append("sft.steps: must be >= 1 to train the student")
     if problems:
         raise ConfigError(problems)
-    teacher, step = Path(sc.teacher), None
-    if teacher.is_dir() and (teacher / "config.yaml").is_file():
-        teacher, step = run_model(teacher)
-        if teacher is None:
-            raise ConfigError([f"sample.teacher: run directory {sc.teacher} holds no checkpoint and no {SFT_MODEL_DIR}"])
+    teacher, step = resolve_teacher(sc.teacher)
     run_dir = claim_run_dir(config)
     out = Path(sc.out or run_dir / SAMPLES_FILE)
-    teacher_model = dataclasses.replace(config.model, name=str(teacher), revision=None)
+    teacher_model = dataclasses.replace(config.model, name=teacher, revision=None)
     stats = rejection_sample(dataclasses.replace(config, model=teacher_model), out, step)
     if not stats["kept"]:
         raise ConfigError([f"sample: the teacher {teacher} got no completion verified on {stats['prompts']} prompts; nothing to train on"])

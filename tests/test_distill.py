@@ -6,6 +6,7 @@ teacher can be made here by SFT on its worked answers, and the student's held-ou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import string
@@ -174,3 +175,6 @@ def test_distill_needs_a_teacher(tmp_path):
 
     with pytest.raises(ConfigError, match="sample.teacher"):
         distill(config)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ConfigError, match="sample.teacher: .*runs/nothing does not exist"):
+        distill(dataclasses.replace(config, sample=dataclasses.replace(config.sample, teacher=str(tmp_path / "runs" / "nothing"))))

@@ -1,7 +1,7 @@
 """The fast engine's Triton kernels against its PyTorch path and the reference engine.
 
-Runs where Triton is installed: on a GPU, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, which
-must be set before Python starts). Skipped otherwise; CI has no Triton.
+Run with pytest on a GPU machine (`pytest benchmarks/gpu_triton_checks.py`), or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, which
+must be set before Python starts). Not part of the test suite: CI has no Triton and no GPU.
 """
 
 import os
