@@ -5,10 +5,14 @@ must be set before Python starts). Not part of the test suite: CI has no Triton 
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_char_tokenizer, tiny_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # conftest's tiny models and tokenizer
+from conftest import build_char_tokenizer, tiny_config  # noqa: E402
 
 triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -22,6 +26,14 @@ from rlreason.rollout import HFEngine, SamplingParams  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture
+def on_device():
+    """The kernel tests build their tensors where the kernels run."""
+    with torch.device(DEVICE):
+        yield
+
+
+@pytest.mark.usefixtures("on_device")
 def test_add_rms_norm_and_silu_mul():
     x, delta, w = torch.randn(5, 96), torch.randn(5, 96), torch.randn(96)
     expected_x = x + delta
@@ -33,6 +45,7 @@ def test_add_rms_norm_and_silu_mul():
     torch.testing.assert_close(K.silu_mul(gu), torch.nn.functional.silu(gu[:, :70]) * gu[:, 70:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_rope_cache_and_attention_against_plain_math(qk_norm):
     torch.manual_seed(0)

@@ -115,6 +115,7 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
             loss_type="grpo",
             bf16="true" if args.bf16 else "false",
             gradient_checkpointing=False,
+            compile=args.compile,
             **({"packing": args.packing} if args.packing is not None else {}),
         ),
         run=RunConfig(output_dir=str(work / "rlreason-run"), overwrite=True, progress=False, eval_before=False),
@@ -133,6 +134,8 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
             parts.append(metrics)
+    if args.profile:
+        profile_step(trainer)
     tokens = [m["completion_length"] * P * G for m in parts]
     result = {
         "side": f"rlreason ({args.engine})",
@@ -149,6 +152,21 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
     del trainer
     reset_memory()
     return result
+
+
+def profile_step(trainer: Any) -> None:
+    """One more step under torch.profiler: the ops that take the time, and how often the host waited on the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        trainer.train_step()
+        sync()
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=25), flush=True)
+    waits = {e.key: e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync")}
+    print(f"host waits in one step: {waits}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ TRL
@@ -255,6 +273,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
     parser.add_argument("--engine", default="fast", help="rlreason's rollout.engine")
     parser.add_argument("--packing", default=None, help="rlreason's train.packing (default: the config default)")
+    parser.add_argument("--compile", action="store_true", help="rlreason's train.compile (torch.compile each decoder layer)")
+    parser.add_argument("--profile", action="store_true", help="profile one more rlreason step and print where its time goes")
     parser.add_argument("--sides", default="rlreason,trl")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the default model's)")
     parser.add_argument("--json", default=None, help="append the result as one JSON line to this file")

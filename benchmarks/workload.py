@@ -41,7 +41,7 @@ def rows(count: int, seed: int = 0) -> list[dict[str, Any]]:
 def digit_share(completions: list[str], samples: list[dict] | None = None, **_: Any) -> list[float]:
     """The reward of both sides: the share of digits in the completion (cheap, and it varies within a group)."""
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # TRL passes chat messages
-    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+    return [sum(map(str.isdigit, t)) / max(len(t), 1) for t in texts]
 
 
 def build_model(name: str, directory: Path, tokenizer: Any, dtype: torch.dtype, seed: int = 0) -> Path:

@@ -151,15 +151,13 @@ def _decode_attention_kernel(
         m_i, l_i, acc = _attend_block(q, k, v, bias, m_i, l_i, acc, IEEE)
     kc = KC + p * s_kc_p + h * s_kc_h + g * s_kc_g
     vc = VC + p * s_kc_p + h * s_kc_h + g * s_kc_g
-    start = 0
-    while start < t:  # this row's own completion so far (a bound read on the device)
+    for start in tl.range(0, t, BLOCK_N):  # this row's own completion so far (t read on the device)
         cols = start + n
         inside = cols < t
         k = tl.load(kc + cols[:, None] * s_kc_s + d[None, :], mask=inside[:, None], other=0.0)
         v = tl.load(vc + cols[:, None] * s_kc_s + d[None, :], mask=inside[:, None], other=0.0)
         bias = tl.where(inside, 0.0, float("-inf"))
         m_i, l_i, acc = _attend_block(q, k, v, bias, m_i, l_i, acc, IEEE)
-        start += BLOCK_N
     out = acc / l_i[:, None]
     tl.store(OUT + (r * H + h * REP + m[:, None]) * D + d[None, :], out.to(OUT.dtype.element_ty), mask=m[:, None] < REP)
 

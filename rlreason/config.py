@@ -147,6 +147,11 @@ class TrainConfig:
     bf16: str = "auto"
     """"auto" (bf16 autocast where the hardware supports it), "true" or "false"."""
     gradient_checkpointing: bool = False
+    compile: bool = False
+    """torch.compile the decoder stack for the training passes (rlreason.models.compile_decoder): fused kernels and
+    one compiled call per micro-batch, where a small model on a GPU is bound by the host launching kernels. The
+    first steps are slower while it compiles (once more when the width first changes, and for packed rows); the
+    fast rollout engine has its own kernels and is not affected. Tested on one process."""
     packing: bool = False
     """Lay each micro-batch's sequences end to end in unpadded rows for the log-prob passes (attention kept inside a
     sequence by its position ids); the same loss and gradients as padded rows (tests/test_logprobs.py)."""
@@ -416,6 +421,8 @@ def validate(config: Config) -> list[str]:
         problems.append("rollout.top_p: must be in (0, 1]")
     if ro.engine not in ("hf", "fast"):
         problems.append(f"rollout.engine: unknown engine {ro.engine!r}; available: 'hf', 'fast'")
+    if tr.compile and ro.engine != "fast":
+        problems.append("train.compile: needs rollout.engine 'fast' (the 'hf' engine would generate through the compiled decoder)")
     if tr.rollout_logprobs and ro.engine != "fast":
         problems.append("train.rollout_logprobs: needs rollout.engine 'fast' (the 'hf' engine records no log-probs)")
     batch = ro.prompts_per_step * ro.group_size

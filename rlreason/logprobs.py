@@ -4,9 +4,16 @@ Lean by construction: the vocabulary projection runs only on the positions that 
 prompts or padding), in chunks of tokens, each recomputed in the backward pass (activation checkpointing of the
 head alone), so no float32 [batch, length, vocab] tensor is ever materialised; with ``packing`` the rows of a
 micro-batch are laid end to end (no padding) and attention is kept inside each row by its position ids.
+
+The work is split in two so that a GPU never waits on the host: ``logprob_inputs`` does everything whose size
+depends on the data (which positions are real, the packing) on the CPU, before any of it is on the device, and
+``logprobs_from_inputs`` only launches fixed-size device work. A trainer prepares all its micro-batches, moves them
+once, and then runs forward and backward passes back to back with no host synchronisation in between.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +22,55 @@ from transformers import PreTrainedModel
 
 CHUNK_BYTES = 1 << 26
 """Float32 logits per chunk of the vocabulary projection (64 MiB): tokens per chunk = CHUNK_BYTES / (4 x vocab)."""
+
+
+@dataclass
+class LogprobInputs:
+    """A micro-batch laid out for the model: its input rows, and for every completion token (row-major order of
+    the completion mask) the (row, column) of the hidden state predicting it and its place in the [N, Lc] output."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None  # None when packed: position ids keep the sequences apart
+    hidden_rows: torch.Tensor
+    hidden_cols: torch.Tensor
+    targets: torch.Tensor
+    out_rows: torch.Tensor
+    out_cols: torch.Tensor
+    num_rows: int  # N, the micro-batch's rows before packing
+    completion_width: int  # Lc
+    packed: bool
+
+    def to(self, device: torch.device | str) -> LogprobInputs:
+        """Every tensor on ``device`` (asynchronously from pinned memory where the device is a GPU)."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                if torch.device(device).type == "cuda" and value.device.type == "cpu":
+                    value = value.pin_memory()
+                value = value.to(device, non_blocking=True)
+            moved[f.name] = value
+        return LogprobInputs(**moved)
+
+
+def logprob_inputs(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor, packing: bool = False
+) -> LogprobInputs:
+    """The model's inputs for a padded micro-batch (prompts left-padded, completions right-padded). Cheapest on CPU
+    tensors: it reads the masks' contents. Position ids follow the attention mask, as in ``generate``, so left
+    padding does not shift the prompt's positions."""
+    out_rows, out_cols = completion_mask.nonzero(as_tuple=True)
+    targets = completion_ids[out_rows, out_cols]
+    width = completion_ids.shape[1]
+    if packing:
+        ids, positions, rows, cols = _pack(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        return LogprobInputs(ids, positions, None, rows, cols, targets, out_rows, out_cols, len(completion_ids), width, True)
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    cols = out_cols + prompt_ids.shape[1] - 1  # the position before a completion token predicts it
+    return LogprobInputs(ids, positions, mask, out_rows, cols, targets, out_rows, out_cols, len(completion_ids), width, False)
 
 
 def completion_logprobs(
@@ -31,35 +87,35 @@ def completion_logprobs(
     ``entropy_grad``, which an entropy bonus needs). Both are 0 where ``completion_mask`` is 0.
 
     The logits are divided by the sampling temperature so that the ratio against the sampling policy is 1 when
-    nothing changed. Position ids follow the attention mask, as in ``generate``, so left padding does not shift
-    the prompt's positions. ``packing`` gives the same values (up to float error; tests/test_logprobs.py) from
-    fewer, unpadded rows.
+    nothing changed. ``packing`` gives the same values (up to float error; tests/test_logprobs.py) from fewer,
+    unpadded rows.
     """
+    inputs = logprob_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, packing)
+    return logprobs_from_inputs(model, inputs, temperature, entropy_grad)
+
+
+def logprobs_from_inputs(model: PreTrainedModel, inputs: LogprobInputs, temperature: float = 1.0, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``completion_logprobs`` of inputs from ``logprob_inputs``, already on the model's device."""
     inner = getattr(model, "module", model)  # DDP / accelerate wrappers; the call itself goes through ``model``
     base = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if base is None or not isinstance(head, torch.nn.Linear) or _scales_logits(inner.config):
-        if packing:
+        if inputs.packed:
             raise ValueError(f"train.packing: not supported for {type(inner).__name__}")
-        return _full_logits_path(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, entropy_grad)
+        return _full_logits_path(model, inputs, temperature, entropy_grad)
 
-    if packing:
-        ids, positions, rows, cols = _pack(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        hidden, autocast = _final_hidden(model, base, input_ids=ids, position_ids=positions, attention_mask=None)
-    else:
-        ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        hidden, autocast = _final_hidden(model, base, input_ids=ids, position_ids=positions, attention_mask=mask)
-        rows, cols = completion_mask.nonzero(as_tuple=True)
-        cols = cols + prompt_ids.shape[1] - 1  # the position before a completion token predicts it
-    targets = completion_ids[completion_mask.bool()]
+    hidden, autocast = _final_hidden(
+        model, base, input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=inputs.attention_mask
+    )
     with torch.autocast(hidden.device.type, dtype=autocast[1], enabled=autocast[0]):
-        lp, ent = _head_logprobs(hidden[rows, cols], head.weight, head.bias, targets, temperature, entropy_grad)
-    token_logprobs = torch.zeros(completion_ids.shape, dtype=lp.dtype, device=lp.device)
-    entropy = torch.zeros(completion_ids.shape, dtype=ent.dtype, device=ent.device)
-    where = completion_mask.bool()
-    return token_logprobs.masked_scatter(where, lp), entropy.masked_scatter(where, ent)
+        lp, ent = _head_logprobs(hidden[inputs.hidden_rows, inputs.hidden_cols], head.weight, head.bias, inputs.targets, temperature, entropy_grad)
+    return _scatter(lp, inputs), _scatter(ent, inputs)
+
+
+def _scatter(values: torch.Tensor, inputs: LogprobInputs) -> torch.Tensor:
+    """[T] per-token values back to [N, Lc], zeros elsewhere (differentiable, no host synchronisation)."""
+    out = values.new_zeros(inputs.num_rows, inputs.completion_width)
+    return out.index_put((inputs.out_rows, inputs.out_cols), values)
 
 
 def _scales_logits(config) -> bool:
@@ -154,17 +210,16 @@ def _pack(prompt_ids, prompt_mask, completion_ids, completion_mask):
     return ids, positions, torch.tensor(rows_of, device=device, dtype=torch.long), torch.tensor(cols_of, device=device, dtype=torch.long)
 
 
-def _full_logits_path(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, entropy_grad):
+def _full_logits_path(model, inputs: LogprobInputs, temperature: float, entropy_grad: bool):
     """The plain computation (full logits of the completion positions), for models whose head is not a Linear."""
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    length = completion_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=length + 1).logits
+    length = inputs.completion_width
+    logits = model(
+        input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, logits_to_keep=length + 1
+    ).logits
     logits = logits[:, :-1].float() / temperature
     logprobs = torch.log_softmax(logits, dim=-1)
-    token_logprobs = logprobs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    token_logprobs = logprobs.gather(-1, inputs.input_ids[:, -length:].unsqueeze(-1)).squeeze(-1)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logprobs.exp() * logprobs).sum(-1)
-    keep = completion_mask.to(token_logprobs.dtype)
+    keep = inputs.attention_mask[:, -length:].to(token_logprobs.dtype)
     return token_logprobs * keep, entropy * keep

@@ -107,9 +107,19 @@ def reasoning_stats(
         "reasoning/reflections_per_1k": 1000.0 * reflections / total_tokens if total_tokens else 0.0,
         "reasoning/format_adherence": float(np.mean([is_strict_r1(t) for t in texts])),
         "reasoning/answer_changes": float(np.mean([answer_changes(t) for t in texts])),
-        "think_length": float(np.mean(count_tokens(list(thinks)))),
-        "answer_length": float(np.mean(count_tokens(list(answers)))),
+        "think_length": float(np.mean(_part_lengths(thinks, texts, token_lengths, count_tokens))),
+        "answer_length": float(np.mean(_part_lengths(answers, texts, token_lengths, count_tokens))),
     }
+
+
+def _part_lengths(parts: Sequence[str], texts: Sequence[str], token_lengths: Sequence[float], count_tokens: Callable[[list[str]], list[int]]) -> list[float]:
+    """Token counts of parts of completions. A part that is the whole completion (no tags: all answer) has the
+    completion's count, known already: re-tokenizing a step's text costs as much as a training micro-batch."""
+    lengths = [float(n) if part == text else 0.0 for part, text, n in zip(parts, texts, token_lengths, strict=True)]
+    todo = [i for i, (part, text) in enumerate(zip(parts, texts, strict=True)) if part and part != text]
+    for i, n in zip(todo, count_tokens([parts[i] for i in todo]), strict=True):
+        lengths[i] = float(n)
+    return lengths
 
 
 def length_stats(token_lengths: Sequence[float], truncated: Sequence[bool]) -> dict[str, float]:

@@ -41,9 +41,9 @@ from rlreason.config import Config, ConfigError, save_config
 from rlreason.data import PromptStream, encode_prompts, task_dataset
 from rlreason.evaluate import evaluate_config
 from rlreason.fast_rollout import build_engine
-from rlreason.logprobs import completion_logprobs
+from rlreason.logprobs import LogprobInputs, logprob_inputs, logprobs_from_inputs
 from rlreason.losses import high_entropy_mask, kl_divergence, masked_mean, policy_loss, token_weights
-from rlreason.models import load_model, load_tokenizer
+from rlreason.models import compile_decoder, load_model, load_tokenizer
 from rlreason.reasoning import Milestones, length_stats, reasoning_stats, task_accuracy, token_counter
 from rlreason.rollout import Rollout, SamplingParams, concat_rollouts
 from rlreason.runlog import COMPLETIONS, EVALS, METRICS, Progress, RunLog, read_jsonl, truncate_after
@@ -124,6 +124,8 @@ class Trainer:
         model = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision)
         if tr.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if tr.compile:
+            compile_decoder(model)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=tr.learning_rate, betas=tuple(tr.adam_betas), weight_decay=tr.weight_decay
         )
@@ -375,59 +377,70 @@ class Trainer:
             weights = weights * high_entropy_mask(frozen["entropy"], loss_mask, tr.top_entropy_quantile)
         kl_in_loss = tr.beta > 0 and not tr.kl_in_reward
         micro_batches = self._micro_batches(len(advantages))
-        totals: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "ratio": [], "entropy": [], "kl": [], "grad_norm": []}
+        # Everything on the device before the first forward: the loop below then never waits on the host.
+        device = self.accelerator.device
+        inputs = [self._micro_batch(rollout, mb) for mb in micro_batches]
+        masks = [rollout.completion_mask[mb, : x.completion_width].to(device, non_blocking=True) for mb, x in zip(micro_batches, inputs, strict=True)]
+        advantages, weights = advantages.to(device), weights.to(device)
+        old = frozen["old"].to(device) if tr.num_iterations > 1 else None
+        ref = frozen["ref"].to(device) if kl_in_loss else None
+        totals: dict[str, list[torch.Tensor]] = {"loss": [], "ratio": [], "entropy": [], "kl": []}
+        grad_norms: list[float] = []
+        skipped = 0
         self.model.train()
         for _ in range(tr.num_iterations):
-            for i, mb in enumerate(micro_batches):
-                batch = self._micro_batch(rollout, mb)
+            for i, (mb, batch, mask) in enumerate(zip(micro_batches, inputs, masks, strict=True)):
                 sync = i == len(micro_batches) - 1
+                width = batch.completion_width
                 with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
-                    logprobs, entropy = completion_logprobs(self.model, *batch, temperature=temperature, entropy_grad=tr.entropy_coef != 0, packing=tr.packing)
-                    width, device = logprobs.shape[1], logprobs.device
-                    mask = batch[3].to(logprobs.dtype)
+                    logprobs, entropy = logprobs_from_inputs(self.model, batch, temperature=temperature, entropy_grad=tr.entropy_coef != 0)
+                    mask = mask.to(logprobs.dtype)
                     # one pass over a batch sampled from this very policy: the ratio is exactly 1, nothing clips
-                    old_lp = frozen["old"][mb, :width].to(device) if tr.num_iterations > 1 else logprobs.detach()
+                    old_lp = old[mb, :width] if old is not None else logprobs.detach()
                     per_token, stats = policy_loss(
                         logprobs,
                         old_lp,
-                        advantages[mb].to(device),
+                        advantages[mb],
                         mask,
                         importance_sampling=tr.importance_sampling,
                         epsilon_low=tr.epsilon,
                         epsilon_high=tr.epsilon_high,
                         dual_clip=tr.dual_clip,
                         beta=tr.beta if kl_in_loss else 0.0,
-                        ref_logprobs=frozen["ref"][mb, :width].to(device) if kl_in_loss else None,
+                        ref_logprobs=ref[mb, :width] if ref is not None else None,
                         kl_estimator=tr.kl_estimator,
                         entropy=entropy,
                         entropy_coef=tr.entropy_coef,
                     )
-                    w = weights[mb, :width].to(device)
+                    w = weights[mb, :width]
                     loss = (per_token * w).sum()
                     self.accelerator.backward(loss)
                 trained = (w > 0).float()
-                totals["loss"].append(loss.item())
+                # statistics stay on the device (a float() here would stall the GPU once per micro-batch)
+                totals["loss"].append(loss.detach())
                 for name in ("clipped", "clipped_low", "clipped_high", "clipped_dual"):
                     if name in stats:
-                        key = name.replace("clipped", "clip_fraction")
-                        totals.setdefault(key, []).append(float(masked_mean(stats[name].float(), trained)))
-                totals["ratio"].append(float(masked_mean(stats["ratio"], mask)))
-                totals["entropy"].append(float(masked_mean(entropy.detach(), mask)))
+                        totals.setdefault(name.replace("clipped", "clip_fraction"), []).append(masked_mean(stats[name].float(), trained))
+                totals["ratio"].append(masked_mean(stats["ratio"].detach(), mask))
+                totals["entropy"].append(masked_mean(entropy.detach(), mask))
                 if "kl" in stats:
-                    totals["kl"].append(float(masked_mean(stats["kl"], mask)))
+                    totals["kl"].append(masked_mean(stats["kl"].detach(), mask))
             # the norm is computed (and clipping skipped) with an infinite threshold when clipping is off
             grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), tr.max_grad_norm or float("inf")))
-            if math.isfinite(grad_norm) and all(math.isfinite(v) for v in totals["loss"]):
-                totals["grad_norm"].append(grad_norm)
+            losses = torch.stack(totals["loss"][-len(micro_batches) :])
+            if math.isfinite(grad_norm) and bool(torch.isfinite(losses).all()):
+                grad_norms.append(grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
             else:  # a NaN/inf update would poison the weights for good: drop it, count it, say so
-                totals.setdefault("skipped_updates", []).append(1.0)
+                skipped += 1
                 log.warning("step %d: non-finite loss or gradient norm (%s), update skipped", self.step + 1, grad_norm)
             self.optimizer.zero_grad(set_to_none=True)
-        out = {k: float(np.mean(v)) for k, v in totals.items() if v}
-        out["skipped_updates"] = float(np.sum(totals.get("skipped_updates", [0.0])))
-        out["loss"] = float(np.sum(totals["loss"])) / tr.num_iterations
+        out = {k: float(torch.stack(v).float().mean()) for k, v in totals.items() if v}
+        if grad_norms:
+            out["grad_norm"] = float(np.mean(grad_norms))
+        out["skipped_updates"] = float(skipped)
+        out["loss"] = float(torch.stack(totals["loss"]).sum()) / tr.num_iterations
         if tr.overlong == "mask" or tr.top_entropy_quantile < 1:
             out["trained_token_fraction"] = float((weights > 0).sum() / rollout.completion_mask.sum().clamp(min=1))
         if tr.overlong == "mask":
@@ -459,30 +472,30 @@ class Trainer:
         """Reset the reference to the current policy (``train.ref_update_every``)."""
         self.reference.load_state_dict(self.accelerator.unwrap_model(self.model).state_dict())
 
-    def _micro_batch(self, rollout: Rollout, rows: slice) -> tuple[torch.Tensor, ...]:
-        """The rows' tensors on the device, with columns that are padding in every row cut away."""
+    def _micro_batch(self, rollout: Rollout, rows: slice) -> LogprobInputs:
+        """The rows' model inputs, laid out on the CPU (columns that are padding in every row cut away) and sent
+        to the device without waiting for it."""
         prompt_mask, completion_mask = rollout.prompt_mask[rows], rollout.completion_mask[rows]
         first = int((prompt_mask.sum(dim=0) > 0).nonzero()[0])
         width = max(int(completion_mask.sum(dim=1).max()), 1)
-        device = self.accelerator.device
-        return (
-            rollout.prompt_ids[rows, first:].to(device),
-            prompt_mask[:, first:].to(device),
-            rollout.completion_ids[rows, :width].to(device),
-            completion_mask[:, :width].to(device),
+        inputs = logprob_inputs(
+            rollout.prompt_ids[rows, first:], prompt_mask[:, first:], rollout.completion_ids[rows, :width], completion_mask[:, :width],
+            packing=self.config.train.packing,
         )
+        return inputs.to(self.accelerator.device)
 
     @torch.no_grad()
     def _frozen_logprobs(self, model: Any, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropy of the batch under a model that is not being updated now (old policy or reference)."""
-        out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32)
-        entropy = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32)
+        device = self.accelerator.device
+        out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=device)
+        entropy = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=device)
         for mb in self._micro_batches(len(rollout.texts)):
             with self.accelerator.autocast():  # the reference is not prepared: give it the policy's precision
-                logprobs, ent = completion_logprobs(model, *self._micro_batch(rollout, mb), temperature=self.config.rollout.temperature, packing=self.config.train.packing)
-            out[mb, : logprobs.shape[1]] = logprobs.float().cpu()
-            entropy[mb, : ent.shape[1]] = ent.float().cpu()
-        return out, entropy
+                logprobs, ent = logprobs_from_inputs(model, self._micro_batch(rollout, mb), temperature=self.config.rollout.temperature)
+            out[mb, : logprobs.shape[1]] = logprobs.float()
+            entropy[mb, : ent.shape[1]] = ent.float()
+        return out.cpu(), entropy.cpu()
 
     # ---------------------------------------------------------------- evaluation
 

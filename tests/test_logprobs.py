@@ -10,7 +10,8 @@ from conftest import build_char_tokenizer, tiny_config
 from transformers import AutoModelForCausalLM
 
 import rlreason.logprobs as lp_module
-from rlreason.logprobs import _full_logits_path, completion_logprobs
+from rlreason.logprobs import _full_logits_path, completion_logprobs, logprob_inputs
+from rlreason.models import compile_decoder
 
 
 def _tiny(tmp_path, arch):
@@ -75,7 +76,7 @@ def test_chunked_head_equals_full_logits(tmp_path, monkeypatch):
     lp, ent, loss, grads = _loss_and_grads(model, batch)
 
     model.zero_grad()
-    ref_lp, ref_ent = _full_logits_path(model, *batch, temperature=0.7, entropy_grad=True)
+    ref_lp, ref_ent = _full_logits_path(model, logprob_inputs(*batch), temperature=0.7, entropy_grad=True)
     mask = batch[3].float()
     advantages = torch.linspace(-1, 1, mask.shape[0]).unsqueeze(1)
     ref_loss = -((ref_lp * advantages + 0.01 * ref_ent) * mask).sum() / mask.sum()
@@ -95,3 +96,26 @@ def test_no_grad_pass_and_packing_of_a_single_row(tmp_path):
         packed, _ = completion_logprobs(model, *batch, packing=True)
     assert not padded.requires_grad
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+
+
+def test_compiled_decoder_gives_the_same_loss_and_gradients(tmp_path):
+    """train.compile: the compiled decoder stack computes what the eager one computes, on a padded batch, a batch
+    of another width (a recompile with a dynamic width) and a packed one, with no graph break. The CPU test
+    compiles with the "aot_eager" backend (dynamo capture and AOT autograd, no code generation, which takes
+    minutes on two cores); the GPU benchmark runs inductor."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = _tiny(tmp_path, "llama")
+    compiled = _tiny(tmp_path, "llama")
+    compile_decoder(compiled, backend="aot_eager")
+    for seed, packing in ((3, False), (4, False), (5, True)):
+        batch = _batch(seed=seed)
+        lp_e, _, loss_e, grads_e = _loss_and_grads(eager, batch, packing=packing)
+        lp_c, _, loss_c, grads_c = _loss_and_grads(compiled, batch, packing=packing)
+        torch.testing.assert_close(lp_c, lp_e, atol=1e-5, rtol=0)
+        torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=0)
+        _close_grads(grads_e, grads_c)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints keep their names
