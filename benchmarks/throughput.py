@@ -116,6 +116,7 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
             bf16="true" if args.bf16 else "false",
             gradient_checkpointing=False,
             compile=args.compile,
+            shared_prompt=args.shared_prompt,
             **({"packing": args.packing} if args.packing is not None else {}),
         ),
         run=RunConfig(output_dir=str(work / "rlreason-run"), overwrite=True, progress=False, eval_before=False),
@@ -274,6 +275,8 @@ def main() -> None:
     parser.add_argument("--engine", default="fast", help="rlreason's rollout.engine")
     parser.add_argument("--packing", default=None, help="rlreason's train.packing (default: the config default)")
     parser.add_argument("--compile", action="store_true", help="rlreason's train.compile (torch.compile each decoder layer)")
+    parser.add_argument("--bf16", action="store_true", help="on the CPU: bf16 autocast on both sides (default float32; GPUs: always)")
+    parser.add_argument("--shared-prompt", action="store_true", help="rlreason's train.shared_prompt (each group's prompt computed once)")
     parser.add_argument("--profile", action="store_true", help="profile one more rlreason step and print where its time goes")
     parser.add_argument("--sides", default="rlreason,trl")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the default model's)")
@@ -281,7 +284,7 @@ def main() -> None:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     args.dtype = "bfloat16" if cuda else "float32"
-    args.bf16 = cuda
+    args.bf16 = cuda or args.bf16
     args.micro_batch = args.micro_batch or (16 if cuda else 8)
     if args.packing is not None and args.packing.lower() in ("true", "false"):
         args.packing = args.packing.lower() == "true"

@@ -152,6 +152,12 @@ class TrainConfig:
     one compiled call per micro-batch, where a small model on a GPU is bound by the host launching kernels. The
     first steps are slower while it compiles (once more when the width first changes, and for packed rows); the
     fast rollout engine has its own kernels and is not affected. Tested on one process."""
+    shared_prompt: bool = False
+    """Compute each group's prompt once in the log-prob passes: one row holds the prompt and its G completions,
+    each completion attending to the prompt and itself (the same loss and gradients as separate rows,
+    tests/test_logprobs.py). The prompt's share of the forward and backward FLOPs is divided by G; attention
+    grows with the longer row, so it pays where prompts are a good part of a sequence. Needs sdpa or eager
+    attention."""
     packing: bool = False
     """Lay each micro-batch's sequences end to end in unpadded rows for the log-prob passes (attention kept inside a
     sequence by its position ids); the same loss and gradients as padded rows (tests/test_logprobs.py)."""
@@ -421,6 +427,8 @@ def validate(config: Config) -> list[str]:
         problems.append("rollout.top_p: must be in (0, 1]")
     if ro.engine not in ("hf", "fast"):
         problems.append(f"rollout.engine: unknown engine {ro.engine!r}; available: 'hf', 'fast'")
+    if tr.packing and tr.shared_prompt:
+        problems.append("train.packing / train.shared_prompt: choose one row layout for the log-prob passes")
     if tr.compile and ro.engine != "fast":
         problems.append("train.compile: needs rollout.engine 'fast' (the 'hf' engine would generate through the compiled decoder)")
     if tr.rollout_logprobs and ro.engine != "fast":

@@ -3,7 +3,9 @@
 Lean by construction: the vocabulary projection runs only on the positions that predict a completion token (not on
 prompts or padding), in chunks of tokens, each recomputed in the backward pass (activation checkpointing of the
 head alone), so no float32 [batch, length, vocab] tensor is ever materialised; with ``packing`` the rows of a
-micro-batch are laid end to end (no padding) and attention is kept inside each row by its position ids.
+micro-batch are laid end to end (no padding) and attention is kept inside each row by its position ids; with
+``shared_prompt`` a group's G completions share one copy of their prompt in one row (a tree-shaped attention mask:
+each completion sees the prompt and itself), so the prompt is computed once per group instead of G times.
 
 The work is split in two so that a GPU never waits on the host: ``logprob_inputs`` does everything whose size
 depends on the data (which positions are real, the packing) on the CPU, before any of it is on the device, and
@@ -31,7 +33,7 @@ class LogprobInputs:
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor | None  # None when packed: position ids keep the sequences apart
+    attention_mask: torch.Tensor | None  # [N, L]; None when packed (position ids keep the sequences apart); [R, 1, L, L] bool when shared
     hidden_rows: torch.Tensor
     hidden_cols: torch.Tensor
     targets: torch.Tensor
@@ -39,7 +41,7 @@ class LogprobInputs:
     out_cols: torch.Tensor
     num_rows: int  # N, the micro-batch's rows before packing
     completion_width: int  # Lc
-    packed: bool
+    packed: bool  # rows are not the micro-batch's rows (packed or shared prompts)
 
     def to(self, device: torch.device | str) -> LogprobInputs:
         """Every tensor on ``device`` (asynchronously from pinned memory where the device is a GPU)."""
@@ -55,7 +57,12 @@ class LogprobInputs:
 
 
 def logprob_inputs(
-    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor, packing: bool = False
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    packing: bool = False,
+    shared_prompt: bool = False,
 ) -> LogprobInputs:
     """The model's inputs for a padded micro-batch (prompts left-padded, completions right-padded). Cheapest on CPU
     tensors: it reads the masks' contents. Position ids follow the attention mask, as in ``generate``, so left
@@ -63,6 +70,11 @@ def logprob_inputs(
     out_rows, out_cols = completion_mask.nonzero(as_tuple=True)
     targets = completion_ids[out_rows, out_cols]
     width = completion_ids.shape[1]
+    if packing and shared_prompt:
+        raise ValueError("train.packing and train.shared_prompt: choose one layout")
+    if shared_prompt:
+        ids, positions, mask, rows, cols = _share_prompts(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        return LogprobInputs(ids, positions, mask, rows, cols, targets, out_rows, out_cols, len(completion_ids), width, True)
     if packing:
         ids, positions, rows, cols = _pack(prompt_ids, prompt_mask, completion_ids, completion_mask)
         return LogprobInputs(ids, positions, None, rows, cols, targets, out_rows, out_cols, len(completion_ids), width, True)
@@ -82,15 +94,16 @@ def completion_logprobs(
     temperature: float = 1.0,
     entropy_grad: bool = False,
     packing: bool = False,
+    shared_prompt: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(completion token | prefix) at ``temperature`` [N, Lc], and the per-token entropy (detached unless
     ``entropy_grad``, which an entropy bonus needs). Both are 0 where ``completion_mask`` is 0.
 
     The logits are divided by the sampling temperature so that the ratio against the sampling policy is 1 when
-    nothing changed. ``packing`` gives the same values (up to float error; tests/test_logprobs.py) from fewer,
-    unpadded rows.
+    nothing changed. ``packing`` and ``shared_prompt`` give the same values (up to float error;
+    tests/test_logprobs.py) from fewer, unpadded rows.
     """
-    inputs = logprob_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, packing)
+    inputs = logprob_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, packing, shared_prompt)
     return logprobs_from_inputs(model, inputs, temperature, entropy_grad)
 
 
@@ -101,12 +114,17 @@ def logprobs_from_inputs(model: PreTrainedModel, inputs: LogprobInputs, temperat
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if base is None or not isinstance(head, torch.nn.Linear) or _scales_logits(inner.config):
         if inputs.packed:
-            raise ValueError(f"train.packing: not supported for {type(inner).__name__}")
+            raise ValueError(f"train.packing / train.shared_prompt: not supported for {type(inner).__name__}")
         return _full_logits_path(model, inputs, temperature, entropy_grad)
 
-    hidden, autocast = _final_hidden(
-        model, base, input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=inputs.attention_mask
-    )
+    mask = inputs.attention_mask
+    if mask is not None and mask.dim() == 4:  # a ready-made mask goes to the attention function as it is
+        implementation = getattr(inner.config, "_attn_implementation", "sdpa")
+        if implementation == "eager":  # eager attention adds its mask to the scores
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        elif implementation != "sdpa":
+            raise ValueError(f"train.shared_prompt: needs sdpa or eager attention, the model uses {implementation!r}")
+    hidden, autocast = _final_hidden(model, base, input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=mask)
     with torch.autocast(hidden.device.type, dtype=autocast[1], enabled=autocast[0]):
         lp, ent = _head_logprobs(hidden[inputs.hidden_rows, inputs.hidden_cols], head.weight, head.bias, inputs.targets, temperature, entropy_grad)
     return _scatter(lp, inputs), _scatter(ent, inputs)
@@ -208,6 +226,48 @@ def _pack(prompt_ids, prompt_mask, completion_ids, completion_mask):
         rows_of += [r] * c_len[i]
         cols_of += range(first, first + c_len[i])
     return ids, positions, torch.tensor(rows_of, device=device, dtype=torch.long), torch.tensor(cols_of, device=device, dtype=torch.long)
+
+
+def _share_prompts(prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """One row per run of consecutive rows with the same prompt: the prompt once, then each completion's tokens,
+    with the positions each would have after the prompt alone. The mask [R, 1, C, C] lets a token see the earlier
+    tokens of its own segment and the prompt; padding sees only itself. A completion's first token is predicted
+    by the prompt's last position, shared by the group. Returns ids, positions, mask and, for every completion
+    token (row-major order of ``completion_mask``), the (row, column) of the position predicting it."""
+    p_len, c_len = prompt_mask.sum(dim=1).tolist(), completion_mask.sum(dim=1).tolist()
+    prompts = [prompt_ids[i][prompt_mask[i].bool()] for i in range(len(p_len))]
+    groups: list[list[int]] = []
+    for i, prompt in enumerate(prompts):
+        if groups and torch.equal(prompts[groups[-1][0]], prompt):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    capacity = max(p_len[g[0]] + sum(c_len[i] for i in g) for g in groups)
+    ids = torch.zeros(len(groups), capacity, dtype=prompt_ids.dtype)
+    positions = torch.zeros(len(groups), capacity, dtype=torch.long)
+    segment = torch.full((len(groups), capacity), -1, dtype=torch.long)  # -1 padding, 0 prompt, k + 1 member k
+    rows_of, cols_of = [], []
+    for r, members in enumerate(groups):
+        p = p_len[members[0]]
+        ids[r, :p], positions[r, :p], segment[r, :p] = prompts[members[0]], torch.arange(p), 0
+        at = p
+        for k, i in enumerate(members):
+            c = c_len[i]
+            ids[r, at : at + c] = completion_ids[i][completion_mask[i].bool()]
+            positions[r, at : at + c] = torch.arange(p, p + c)
+            segment[r, at : at + c] = k + 1
+            rows_of += [r] * c
+            cols_of += [p - 1, *range(at, at + c - 1)] if c else []
+            at += c
+    causal = torch.ones(capacity, capacity, dtype=torch.bool).tril()
+    seg_q, seg_k = segment.unsqueeze(2), segment.unsqueeze(1)
+    mask = causal & (seg_k >= 0) & ((seg_k == seg_q) | (seg_k == 0)) & (seg_q >= 0)
+    mask |= torch.eye(capacity, dtype=torch.bool)  # padding attends to itself: no row of the softmax is empty
+    device = prompt_ids.device
+    return (
+        ids.to(device), positions.to(device), mask.unsqueeze(1).to(device),
+        torch.tensor(rows_of, dtype=torch.long, device=device), torch.tensor(cols_of, dtype=torch.long, device=device),
+    )
 
 
 def _full_logits_path(model, inputs: LogprobInputs, temperature: float, entropy_grad: bool):

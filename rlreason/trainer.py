@@ -480,7 +480,7 @@ class Trainer:
         width = max(int(completion_mask.sum(dim=1).max()), 1)
         inputs = logprob_inputs(
             rollout.prompt_ids[rows, first:], prompt_mask[:, first:], rollout.completion_ids[rows, :width], completion_mask[:, :width],
-            packing=self.config.train.packing,
+            packing=self.config.train.packing, shared_prompt=self.config.train.shared_prompt,
         )
         return inputs.to(self.accelerator.device)
 

@@ -119,3 +119,51 @@ def test_compiled_decoder_gives_the_same_loss_and_gradients(tmp_path):
         _close_grads(grads_e, grads_c)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints keep their names
+
+
+def _grouped_batch(seed=0, groups=3, group_size=3, vocab=90):
+    """``groups`` prompts of uneven lengths, each repeated for ``group_size`` completions of uneven lengths (one
+    of them empty), laid out as the trainer does: a group's rows next to each other."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids, prompt_mask, completion_ids, completion_mask = _batch(seed, rows=groups * group_size, vocab=vocab)
+    for start in range(0, groups * group_size, group_size):  # the group's rows share its first row's prompt
+        prompt_ids[start : start + group_size] = prompt_ids[start]
+        prompt_mask[start : start + group_size] = prompt_mask[start]
+    empty = int(torch.randint(0, len(completion_ids), (1,), generator=g))
+    completion_mask[empty] = 0
+    return prompt_ids, prompt_mask, completion_ids * completion_mask, completion_mask
+
+
+@pytest.mark.parametrize(("arch", "attention"), [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("deepseek_v3", "sdpa")])
+def test_shared_prompt_equals_padded(tmp_path, arch, attention):
+    """train.shared_prompt: one row per group (prompt once, each completion attending to it and itself) gives the
+    padded rows' log-probs, loss and gradients; a micro-batch may cut a group, and two groups may hold the same
+    prompt text only when they are not next to each other."""
+    model = _tiny(tmp_path, arch)
+    model.config._attn_implementation = attention
+    batch = _grouped_batch()
+    inputs = logprob_inputs(*batch, shared_prompt=True)
+    assert inputs.input_ids.shape[0] == 3  # three groups, three rows
+    assert int((inputs.input_ids != 0).sum()) < int(batch[1].sum() + batch[3].sum())  # each prompt stored once
+    lp_pad, ent_pad, loss_pad, grads_pad = _loss_and_grads(model, batch)
+    lp_sh, ent_sh, loss_sh, grads_sh = _loss_and_grads(model, batch, shared_prompt=True)
+    mask = batch[3].bool()
+    torch.testing.assert_close(lp_sh[mask], lp_pad[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_sh[mask], ent_pad[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss_sh, loss_pad, atol=1e-5, rtol=0)
+    _close_grads(grads_pad, grads_sh)
+    assert (lp_sh[~mask] == 0).all()
+
+    cut = tuple(t[2:7] for t in batch)  # the end of one group, a whole group, the start of another
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logprobs(model, *cut, shared_prompt=True)[0], completion_logprobs(model, *cut)[0], atol=1e-5, rtol=0)
+
+
+def test_shared_prompt_refuses_what_it_cannot_do(tmp_path):
+    model = _tiny(tmp_path, "llama")
+    batch = _grouped_batch()
+    with pytest.raises(ValueError, match="choose one"):
+        logprob_inputs(*batch, packing=True, shared_prompt=True)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="sdpa or eager"):
+        completion_logprobs(model, *batch, shared_prompt=True)
