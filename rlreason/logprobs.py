@@ -1,8 +1,8 @@
 """Per-token log-probabilities of completions under a model, the quantity every policy loss is built from.
 
 Lean by construction: the vocabulary projection runs only on the positions that predict a completion token (not on
-prompts or padding), in chunks of tokens, each recomputed in the backward pass (activation checkpointing of the
-head alone), so no float32 [batch, length, vocab] tensor is ever materialised; with ``packing`` the rows of a
+prompts or padding), in chunks of tokens, each recomputed in the backward pass with its gradient in closed form
+(``_HeadChunk``), so no float32 [batch, length, vocab] tensor is ever materialised; with ``packing`` the rows of a
 micro-batch are laid end to end (no padding) and attention is kept inside each row by its position ids; with
 ``shared_prompt`` a group's G completions share one copy of their prompt in one row (a tree-shaped attention mask:
 each completion sees the prompt and itself), so the prompt is computed once per group instead of G times.
@@ -19,7 +19,6 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 CHUNK_BYTES = 1 << 26
@@ -162,28 +161,69 @@ def _final_hidden(model, base, **inputs) -> tuple[torch.Tensor, tuple[bool, torc
 def _head_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, temperature: float, entropy_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T] log-probabilities of ``targets`` and entropies from [T, H] hidden states, a chunk of tokens at a time."""
-    chunk = max(16, CHUNK_BYTES // (4 * weight.shape[0]))
-    recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    lps, ents = [], []
-    for start in range(0, hidden.shape[0], chunk):
-        args = (hidden[start : start + chunk], weight, bias, targets[start : start + chunk], temperature, entropy_grad)
-        lp, ent = checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args)
-        lps.append(lp)
-        ents.append(ent)
+    """[T] log-probabilities of ``targets`` and entropies from [T, H] hidden states, a chunk of tokens at a time.
+    The products run in the autocast dtype, cast once for all chunks (as autocast's own cast cache would)."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with torch.autocast(device, enabled=False):
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        chunk = max(16, CHUNK_BYTES // (4 * weight.shape[0]))
+        lps, ents = [], []
+        for start in range(0, hidden.shape[0], chunk):
+            lp, ent = _HeadChunk.apply(hidden[start : start + chunk], weight, bias, targets[start : start + chunk], temperature, entropy_grad)
+            lps.append(lp)
+            ents.append(ent)
     if not lps:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty
     return torch.cat(lps), torch.cat(ents)
 
 
-def _chunk(hidden, weight, bias, targets, temperature: float, entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = F.linear(hidden, weight, bias).float() / temperature
-    logprobs = torch.log_softmax(logits, dim=-1)
-    token = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return token, entropy
+class _HeadChunk(torch.autograd.Function):
+    """log p(target) and the entropy for a chunk of positions, from their hidden states and the head.
+
+    Nothing of [tokens, vocab] size is kept for backward: it recomputes the logits and writes their gradient in
+    closed form, d log p(target) = one-hot - p and d entropy = -p (log p + entropy), instead of differentiating
+    log_softmax, gather and the entropy's sum step by step: a handful of passes over the chunk's logits instead of
+    about twenty. The inputs share one dtype (``_head_logprobs`` casts them); logits are float32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, entropy_grad: bool):
+        logp = _logprobs_of_logits(hidden, weight, bias, temperature)
+        token = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, entropy)
+        ctx.temperature, ctx.entropy_grad = temperature, entropy_grad
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
+        return token, entropy
+
+    @staticmethod
+    def backward(ctx, grad_token, grad_entropy):
+        hidden, weight, bias, targets, entropy = ctx.saved_tensors
+        logp = _logprobs_of_logits(hidden, weight, bias, ctx.temperature)
+        if ctx.entropy_grad and grad_entropy is not None:
+            probs = logp.exp()
+            grad = probs * logp.add_(entropy.unsqueeze(-1)).mul_(-grad_entropy.unsqueeze(-1)) - probs * grad_token.unsqueeze(-1)
+        else:
+            grad = logp.exp_().mul_(-grad_token.unsqueeze(-1))
+        grad.scatter_add_(-1, targets.unsqueeze(-1), grad_token.unsqueeze(-1))
+        if ctx.temperature != 1.0:
+            grad /= ctx.temperature
+        grad = grad.to(hidden.dtype)
+        grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t() @ hidden if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _logprobs_of_logits(hidden, weight, bias, temperature: float) -> torch.Tensor:
+    """log_softmax((hidden @ weight.T + bias) / temperature) in float32."""
+    logits = F.linear(hidden, weight, bias).float()
+    if temperature != 1.0:
+        logits /= temperature
+    return torch.log_softmax(logits, dim=-1)
 
 
 def _pack(prompt_ids, prompt_mask, completion_ids, completion_mask):

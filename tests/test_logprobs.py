@@ -167,3 +167,33 @@ def test_shared_prompt_refuses_what_it_cannot_do(tmp_path):
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="sdpa or eager"):
         completion_logprobs(model, *batch, shared_prompt=True)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_closed_form_head_gradient_matches_autograd(autocast):
+    """The head's hand-written backward (bias included) against autograd through log_softmax, gather and the
+    entropy, in float32 and under CPU bf16 autocast (where both multiply in bf16: the tolerance is bf16's)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    bias = torch.randn(50, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (40,), generator=g)
+    w_tok, w_ent = torch.randn(40, generator=g), torch.randn(40, generator=g)
+
+    def grads(fn):
+        for t in (hidden, weight, bias):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            lp, ent = fn()
+        ((lp * w_tok).sum() + (ent * w_ent).sum()).backward()
+        return lp.detach(), ent.detach(), [t.grad.clone() for t in (hidden, weight, bias)]
+
+    def reference():
+        logprobs = torch.log_softmax(torch.nn.functional.linear(hidden, weight, bias).float() / 0.7, dim=-1)
+        return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logprobs.exp() * logprobs).sum(-1)
+
+    ours = grads(lambda: lp_module._head_logprobs(hidden, weight, bias, targets, 0.7, entropy_grad=True))
+    theirs = grads(reference)
+    tol = 2e-2 if autocast else 1e-5
+    for a, b in zip([*ours[:2], *ours[2]], [*theirs[:2], *theirs[2]], strict=True):
+        assert ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)) < tol
