@@ -155,9 +155,9 @@ class TrainConfig:
     shared_prompt: bool = False
     """Compute each group's prompt once in the log-prob passes: one row holds the prompt and its G completions,
     each completion attending to the prompt and itself (the same loss and gradients as separate rows,
-    tests/test_logprobs.py). The prompt's share of the forward and backward FLOPs is divided by G; attention
-    grows with the longer row, so it pays where prompts are a good part of a sequence. Needs sdpa or eager
-    attention."""
+    tests/test_logprobs.py). The prompt's share of the forward and backward FLOPs is divided by G. With sdpa models
+    attention runs as the prompt plus one short sequence per completion (rlreason.logprobs.shared_prompt_attention);
+    eager models get a tree-shaped mask over the whole row; other attention implementations are refused."""
     packing: bool = False
     """Lay each micro-batch's sequences end to end in unpadded rows for the log-prob passes (attention kept inside a
     sequence by its position ids); the same loss and gradients as padded rows (tests/test_logprobs.py)."""

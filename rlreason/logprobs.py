@@ -15,14 +15,38 @@ once, and then runs forward and backward passes back to back with no host synchr
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+SHARED_PROMPT_ATTENTION = "rlreason_shared_prompt"
+"""The attention function shared-prompt rows use with sdpa models: registered with transformers below."""
 
 CHUNK_BYTES = 1 << 26
 """Float32 logits per chunk of the vocabulary projection (64 MiB): tokens per chunk = CHUNK_BYTES / (4 x vocab)."""
+
+
+@dataclass
+class SharedLayout:
+    """Where a shared-prompt row's pieces are, for ``shared_prompt_attention``: each row's prompt at columns
+    [0, its length), then its segments (one completion each), as index tensors padded to the longest piece."""
+
+    prompt_mask: torch.Tensor  # [R, 1, Pw, Pw] bool: causal inside each row's prompt
+    segment_rows: torch.Tensor  # [S] the row of each segment
+    query_cols: torch.Tensor  # [S, Cw] a segment's columns (padding repeats its first)
+    key_cols: torch.Tensor  # [S, Pw + Cw] the prompt's columns, then the segment's
+    segment_mask: torch.Tensor  # [S, 1, Cw, Pw + Cw] bool: the row's prompt, and the segment causally
+    out_rows: torch.Tensor  # [T] (row, column) of every real query, prompts first, then segments
+    out_cols: torch.Tensor
+    prompt_take: torch.Tensor  # [Tp] flat indices into [R, Pw] of the real prompt queries
+    segment_take: torch.Tensor  # [Ts] flat indices into [S, Cw] of the real segment queries
+
+    def to(self, device: torch.device | str) -> SharedLayout:
+        return SharedLayout(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 
 
 @dataclass
@@ -41,6 +65,7 @@ class LogprobInputs:
     num_rows: int  # N, the micro-batch's rows before packing
     completion_width: int  # Lc
     packed: bool  # rows are not the micro-batch's rows (packed or shared prompts)
+    shared: SharedLayout | None = None
 
     def to(self, device: torch.device | str) -> LogprobInputs:
         """Every tensor on ``device`` (asynchronously from pinned memory where the device is a GPU)."""
@@ -51,6 +76,8 @@ class LogprobInputs:
                 if torch.device(device).type == "cuda" and value.device.type == "cpu":
                     value = value.pin_memory()
                 value = value.to(device, non_blocking=True)
+            elif isinstance(value, SharedLayout):
+                value = value.to(device)
             moved[f.name] = value
         return LogprobInputs(**moved)
 
@@ -72,8 +99,8 @@ def logprob_inputs(
     if packing and shared_prompt:
         raise ValueError("train.packing and train.shared_prompt: choose one layout")
     if shared_prompt:
-        ids, positions, mask, rows, cols = _share_prompts(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        return LogprobInputs(ids, positions, mask, rows, cols, targets, out_rows, out_cols, len(completion_ids), width, True)
+        ids, positions, mask, rows, cols, layout = _share_prompts(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        return LogprobInputs(ids, positions, mask, rows, cols, targets, out_rows, out_cols, len(completion_ids), width, True, layout)
     if packing:
         ids, positions, rows, cols = _pack(prompt_ids, prompt_mask, completion_ids, completion_mask)
         return LogprobInputs(ids, positions, None, rows, cols, targets, out_rows, out_cols, len(completion_ids), width, True)
@@ -116,14 +143,18 @@ def logprobs_from_inputs(model: PreTrainedModel, inputs: LogprobInputs, temperat
             raise ValueError(f"train.packing / train.shared_prompt: not supported for {type(inner).__name__}")
         return _full_logits_path(model, inputs, temperature, entropy_grad)
 
-    mask = inputs.attention_mask
-    if mask is not None and mask.dim() == 4:  # a ready-made mask goes to the attention function as it is
-        implementation = getattr(inner.config, "_attn_implementation", "sdpa")
+    mask, extra = inputs.attention_mask, {}
+    implementation = getattr(inner.config, "_attn_implementation", "sdpa")
+    if inputs.shared is not None:
         if implementation == "eager":  # eager attention adds its mask to the scores
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-        elif implementation != "sdpa":
+        elif implementation in ("sdpa", SHARED_PROMPT_ATTENTION):
+            extra = {"shared_layout": inputs.shared}
+            implementation = SHARED_PROMPT_ATTENTION
+        else:
             raise ValueError(f"train.shared_prompt: needs sdpa or eager attention, the model uses {implementation!r}")
-    hidden, autocast = _final_hidden(model, base, input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=mask)
+    with _attention(inner.config, implementation):
+        hidden, autocast = _final_hidden(model, base, input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=mask, **extra)
     with torch.autocast(hidden.device.type, dtype=autocast[1], enabled=autocast[0]):
         lp, ent = _head_logprobs(hidden[inputs.hidden_rows, inputs.hidden_cols], head.weight, head.bias, inputs.targets, temperature, entropy_grad)
     return _scatter(lp, inputs), _scatter(ent, inputs)
@@ -303,11 +334,96 @@ def _share_prompts(prompt_ids, prompt_mask, completion_ids, completion_mask):
     seg_q, seg_k = segment.unsqueeze(2), segment.unsqueeze(1)
     mask = causal & (seg_k >= 0) & ((seg_k == seg_q) | (seg_k == 0)) & (seg_q >= 0)
     mask |= torch.eye(capacity, dtype=torch.bool)  # padding attends to itself: no row of the softmax is empty
+    layout = _shared_layout(groups, p_len, c_len)
     device = prompt_ids.device
     return (
         ids.to(device), positions.to(device), mask.unsqueeze(1).to(device),
         torch.tensor(rows_of, dtype=torch.long, device=device), torch.tensor(cols_of, dtype=torch.long, device=device),
+        layout.to(device),
     )
+
+
+def _shared_layout(groups: list[list[int]], p_len: list[int], c_len: list[int]) -> SharedLayout:
+    """Index tensors for ``shared_prompt_attention`` (see ``SharedLayout``) over the rows ``_share_prompts`` built."""
+    prompts = [p_len[g[0]] for g in groups]
+    pw, cw = max(prompts), max(1, *c_len)
+    k = torch.arange(pw)
+    prompt_mask = (k.unsqueeze(1) >= k) & (k < torch.tensor(prompts).unsqueeze(1)).unsqueeze(1)  # [R, Pw, Pw]
+    prompt_mask |= torch.eye(pw, dtype=torch.bool)
+    seg_rows, query_cols, seg_len, seg_prompt = [], [], [], []
+    for r, members in enumerate(groups):
+        at = prompts[r]
+        for i in members:
+            seg_rows.append(r)
+            query_cols.append(torch.where(torch.arange(cw) < c_len[i], at + torch.arange(cw), at))
+            seg_len.append(c_len[i])
+            seg_prompt.append(prompts[r])
+            at += c_len[i]
+    query_cols = torch.stack(query_cols)
+    lengths, prompt_of = torch.tensor(seg_len).view(-1, 1, 1), torch.tensor(seg_prompt).view(-1, 1, 1)
+    j = torch.arange(cw)
+    sees_prompt = (k.view(1, 1, -1) < prompt_of).expand(-1, cw, -1)
+    sees_own = (j.view(1, 1, -1) <= j.view(1, -1, 1)) & (j.view(1, 1, -1) < lengths)
+    segment_mask = torch.cat([sees_prompt, sees_own], dim=2)  # [S, Cw, Pw + Cw]
+    prompt_valid = k < torch.tensor(prompts).unsqueeze(1)  # [R, Pw]
+    segment_valid = j < torch.tensor(seg_len).unsqueeze(1)  # [S, Cw]
+    p_rows, p_cols = prompt_valid.nonzero(as_tuple=True)
+    s_idx, s_j = segment_valid.nonzero(as_tuple=True)
+    return SharedLayout(
+        prompt_mask=prompt_mask.unsqueeze(1),
+        segment_rows=torch.tensor(seg_rows),
+        query_cols=query_cols,
+        key_cols=torch.cat([k.expand(len(seg_rows), -1), query_cols], dim=1),
+        segment_mask=segment_mask.unsqueeze(1),
+        out_rows=torch.cat([p_rows, torch.tensor(seg_rows)[s_idx]]),
+        out_cols=torch.cat([p_cols, query_cols[s_idx, s_j]]),
+        prompt_take=prompt_valid.flatten().nonzero().squeeze(1),
+        segment_take=segment_valid.flatten().nonzero().squeeze(1),
+    )
+
+
+def shared_prompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, shared_layout: SharedLayout | None = None, **kwargs):
+    """Attention for shared-prompt rows without scoring every query against the whole row: the prompt attends
+    causally to itself, and each completion to the prompt and its own tokens, as a batch of short sequences.
+    Calls without a layout (any other forward of the model) are plain sdpa."""
+    if shared_layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    lay = shared_layout
+    rep = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, rep), repeat_kv(value, rep)
+    batch, heads, length, dim = query.shape
+    pw = lay.prompt_mask.shape[-1]
+    prompt = F.scaled_dot_product_attention(
+        query[:, :, :pw], key[:, :, :pw], value[:, :, :pw], attn_mask=lay.prompt_mask, dropout_p=dropout, scale=scaling
+    )
+
+    def pieces(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # [B, H, L, D] -> [S, H, len(cols), D]
+        return x[lay.segment_rows.unsqueeze(1), :, cols].transpose(1, 2)
+
+    own = F.scaled_dot_product_attention(
+        pieces(query, lay.query_cols), pieces(key, lay.key_cols), pieces(value, lay.key_cols),
+        attn_mask=lay.segment_mask, dropout_p=dropout, scale=scaling,
+    )
+    values = torch.cat([
+        prompt.transpose(1, 2).reshape(-1, heads, dim)[lay.prompt_take],
+        own.transpose(1, 2).reshape(-1, heads, dim)[lay.segment_take],
+    ])
+    out = values.new_zeros(batch, length, heads, dim).index_put((lay.out_rows, lay.out_cols), values)
+    return out, None
+
+
+AttentionInterface.register(SHARED_PROMPT_ATTENTION, shared_prompt_attention)
+
+
+@contextlib.contextmanager
+def _attention(config, implementation: str):
+    """The model's attention implementation set to ``implementation`` for one forward pass."""
+    before = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 def _full_logits_path(model, inputs: LogprobInputs, temperature: float, entropy_grad: bool):

@@ -197,3 +197,33 @@ def test_closed_form_head_gradient_matches_autograd(autocast):
     tol = 2e-2 if autocast else 1e-5
     for a, b in zip([*ours[:2], *ours[2]], [*theirs[:2], *theirs[2]], strict=True):
         assert ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)) < tol
+
+
+def test_shared_prompt_rows_use_the_short_attention_with_sdpa(tmp_path, monkeypatch):
+    """With sdpa, shared-prompt rows go through ``shared_prompt_attention`` (the prompt, then each completion
+    against the prompt and itself) rather than a full row-by-row masked attention, and the model's own attention
+    setting is left as it was."""
+    from transformers import AttentionInterface
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("shared_layout") is not None)
+        return lp_module.shared_prompt_attention(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, lp_module.SHARED_PROMPT_ATTENTION, spy)
+    model = _tiny(tmp_path, "llama")
+    completion_logprobs(model, *_grouped_batch(), shared_prompt=True)
+    assert seen == [True, True]  # both layers
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_shared_prompt_under_bf16_autocast(tmp_path):
+    """The trainer's CPU/GPU precision: bf16 autocast through the shared-prompt attention, within bf16 error."""
+    model = _tiny(tmp_path, "llama")
+    batch = _grouped_batch()
+    mask = batch[3].bool()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        shared, _ = completion_logprobs(model, *batch, shared_prompt=True)
+        padded, _ = completion_logprobs(model, *batch)
+    assert (shared[mask] - padded[mask]).abs().max() < 5e-2
