@@ -3,12 +3,7 @@
 #   CHECKS=1 CONFIGS="360m:256:2:1:16 135m:256:2:1:16" benchmarks/gpu_run.sh
 # A config is model:max_new_tokens:timed_steps:warmup_steps:micro_batch[:timeout_s]. Needs .whl (trl, datasets,
 # dill, multiprocess wheels) and .bench_assets/tokenizer (the default model's tokenizer) carried along.
-set -o pipefail
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+source "$(dirname "$0")/gpu_env.sh"
 python3 -c "import torch, transformers, trl, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'datasets', datasets.__version__)"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 if [ -n "$CHECKS" ]; then

@@ -1,12 +1,7 @@
 #!/bin/bash
 # `rlreason train` on one GPU through accelerate: the single-GPU config, then FSDP2 on one process.
 # Random-init SmolLM2-360M shapes, P=16, G=8, L=256, a few steps. Needs .whl and .bench_assets/tokenizer carried.
-set -o pipefail
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+source "$(dirname "$0")/gpu_env.sh"
 python3 - <<'PY'
 import torch
 from transformers import AutoTokenizer, LlamaConfig, AutoModelForCausalLM

@@ -274,7 +274,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
     parser.add_argument("--engine", default="fast", help="rlreason's rollout.engine")
     parser.add_argument("--packing", default=None, help="rlreason's train.packing (default: the config default)")
-    parser.add_argument("--compile", action="store_true", help="rlreason's train.compile (torch.compile each decoder layer)")
+    parser.add_argument("--compile", action="store_true", help="rlreason's train.compile (torch.compile the decoder stack)")
     parser.add_argument("--bf16", action="store_true", help="on the CPU: bf16 autocast on both sides (default float32; GPUs: always)")
     parser.add_argument("--shared-prompt", action="store_true", help="rlreason's train.shared_prompt (each group's prompt computed once)")
     parser.add_argument("--profile", action="store_true", help="profile one more rlreason step and print where its time goes")

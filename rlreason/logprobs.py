@@ -35,6 +35,7 @@ class SharedLayout:
     """Where a shared-prompt row's pieces are, for ``shared_prompt_attention``: each row's prompt at columns
     [0, its length), then its segments (one completion each), as index tensors padded to the longest piece."""
 
+    segment: torch.Tensor  # [R, C] of every column: -1 padding, 0 prompt, k + 1 the row's k-th completion
     prompt_mask: torch.Tensor  # [R, 1, Pw, Pw] bool: causal inside each row's prompt
     segment_rows: torch.Tensor  # [S] the row of each segment
     query_cols: torch.Tensor  # [S, Cw] a segment's columns (padding repeats its first)
@@ -46,7 +47,7 @@ class SharedLayout:
     segment_take: torch.Tensor  # [Ts] flat indices into [S, Cw] of the real segment queries
 
     def to(self, device: torch.device | str) -> SharedLayout:
-        return SharedLayout(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+        return SharedLayout(**{f.name: _to_device(getattr(self, f.name), device) for f in fields(self)})
 
 
 @dataclass
@@ -56,7 +57,7 @@ class LogprobInputs:
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor | None  # [N, L]; None when packed (position ids keep the sequences apart); [R, 1, L, L] bool when shared
+    attention_mask: torch.Tensor | None  # [N, L]; None when packed (position ids keep sequences apart) or shared
     hidden_rows: torch.Tensor
     hidden_cols: torch.Tensor
     targets: torch.Tensor
@@ -68,18 +69,19 @@ class LogprobInputs:
     shared: SharedLayout | None = None
 
     def to(self, device: torch.device | str) -> LogprobInputs:
-        """Every tensor on ``device`` (asynchronously from pinned memory where the device is a GPU)."""
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                if torch.device(device).type == "cuda" and value.device.type == "cpu":
-                    value = value.pin_memory()
-                value = value.to(device, non_blocking=True)
-            elif isinstance(value, SharedLayout):
-                value = value.to(device)
-            moved[f.name] = value
-        return LogprobInputs(**moved)
+        """Every tensor on ``device``, without waiting for the device."""
+        return LogprobInputs(**{f.name: _to_device(getattr(self, f.name), device) for f in fields(self)})
+
+
+def _to_device(value, device: torch.device | str):
+    """Tensors (and layouts of them) to ``device``; from CPU to GPU through pinned memory, asynchronously."""
+    if isinstance(value, SharedLayout):
+        return value.to(device)
+    if not isinstance(value, torch.Tensor):
+        return value
+    if torch.device(device).type == "cuda" and value.device.type == "cpu":
+        value = value.pin_memory()
+    return value.to(device, non_blocking=True)
 
 
 def logprob_inputs(
@@ -99,8 +101,8 @@ def logprob_inputs(
     if packing and shared_prompt:
         raise ValueError("train.packing and train.shared_prompt: choose one layout")
     if shared_prompt:
-        ids, positions, mask, rows, cols, layout = _share_prompts(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        return LogprobInputs(ids, positions, mask, rows, cols, targets, out_rows, out_cols, len(completion_ids), width, True, layout)
+        ids, positions, rows, cols, layout = _share_prompts(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        return LogprobInputs(ids, positions, None, rows, cols, targets, out_rows, out_cols, len(completion_ids), width, True, layout)
     if packing:
         ids, positions, rows, cols = _pack(prompt_ids, prompt_mask, completion_ids, completion_mask)
         return LogprobInputs(ids, positions, None, rows, cols, targets, out_rows, out_cols, len(completion_ids), width, True)
@@ -146,8 +148,9 @@ def logprobs_from_inputs(model: PreTrainedModel, inputs: LogprobInputs, temperat
     mask, extra = inputs.attention_mask, {}
     implementation = getattr(inner.config, "_attn_implementation", "sdpa")
     if inputs.shared is not None:
-        if implementation == "eager":  # eager attention adds its mask to the scores
-            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        if implementation == "eager":  # a tree-shaped mask over the whole row, added to the scores
+            tree = _tree_mask(inputs.shared.segment)
+            mask = torch.zeros(tree.shape, device=tree.device).masked_fill(~tree, torch.finfo(torch.float32).min)
         elif implementation in ("sdpa", SHARED_PROMPT_ATTENTION):
             extra = {"shared_layout": inputs.shared}
             implementation = SHARED_PROMPT_ATTENTION
@@ -301,10 +304,9 @@ def _pack(prompt_ids, prompt_mask, completion_ids, completion_mask):
 
 def _share_prompts(prompt_ids, prompt_mask, completion_ids, completion_mask):
     """One row per run of consecutive rows with the same prompt: the prompt once, then each completion's tokens,
-    with the positions each would have after the prompt alone. The mask [R, 1, C, C] lets a token see the earlier
-    tokens of its own segment and the prompt; padding sees only itself. A completion's first token is predicted
-    by the prompt's last position, shared by the group. Returns ids, positions, mask and, for every completion
-    token (row-major order of ``completion_mask``), the (row, column) of the position predicting it."""
+    with the positions each would have after the prompt alone. A completion's first token is predicted by the
+    prompt's last position, shared by the group. Returns ids, positions, for every completion token (row-major
+    order of ``completion_mask``) the (row, column) of the position predicting it, and the layout attention needs."""
     p_len, c_len = prompt_mask.sum(dim=1).tolist(), completion_mask.sum(dim=1).tolist()
     prompts = [prompt_ids[i][prompt_mask[i].bool()] for i in range(len(p_len))]
     groups: list[list[int]] = []
@@ -316,8 +318,8 @@ def _share_prompts(prompt_ids, prompt_mask, completion_ids, completion_mask):
     capacity = max(p_len[g[0]] + sum(c_len[i] for i in g) for g in groups)
     ids = torch.zeros(len(groups), capacity, dtype=prompt_ids.dtype)
     positions = torch.zeros(len(groups), capacity, dtype=torch.long)
-    segment = torch.full((len(groups), capacity), -1, dtype=torch.long)  # -1 padding, 0 prompt, k + 1 member k
-    rows_of, cols_of = [], []
+    segment = torch.full((len(groups), capacity), -1, dtype=torch.long)
+    rows_of, cols_of, segments = [], [], []  # segments: (row, start column, length) of each completion
     for r, members in enumerate(groups):
         p = p_len[members[0]]
         ids[r, :p], positions[r, :p], segment[r, :p] = prompts[members[0]], torch.arange(p), 0
@@ -329,53 +331,48 @@ def _share_prompts(prompt_ids, prompt_mask, completion_ids, completion_mask):
             segment[r, at : at + c] = k + 1
             rows_of += [r] * c
             cols_of += [p - 1, *range(at, at + c - 1)] if c else []
+            segments.append((r, at, c))
             at += c
-    causal = torch.ones(capacity, capacity, dtype=torch.bool).tril()
-    seg_q, seg_k = segment.unsqueeze(2), segment.unsqueeze(1)
-    mask = causal & (seg_k >= 0) & ((seg_k == seg_q) | (seg_k == 0)) & (seg_q >= 0)
-    mask |= torch.eye(capacity, dtype=torch.bool)  # padding attends to itself: no row of the softmax is empty
-    layout = _shared_layout(groups, p_len, c_len)
+    layout = _shared_layout(segment, [p_len[g[0]] for g in groups], segments)
     device = prompt_ids.device
     return (
-        ids.to(device), positions.to(device), mask.unsqueeze(1).to(device),
+        ids.to(device), positions.to(device),
         torch.tensor(rows_of, dtype=torch.long, device=device), torch.tensor(cols_of, dtype=torch.long, device=device),
         layout.to(device),
     )
 
 
-def _shared_layout(groups: list[list[int]], p_len: list[int], c_len: list[int]) -> SharedLayout:
-    """Index tensors for ``shared_prompt_attention`` (see ``SharedLayout``) over the rows ``_share_prompts`` built."""
-    prompts = [p_len[g[0]] for g in groups]
-    pw, cw = max(prompts), max(1, *c_len)
-    k = torch.arange(pw)
-    prompt_mask = (k.unsqueeze(1) >= k) & (k < torch.tensor(prompts).unsqueeze(1)).unsqueeze(1)  # [R, Pw, Pw]
-    prompt_mask |= torch.eye(pw, dtype=torch.bool)
-    seg_rows, query_cols, seg_len, seg_prompt = [], [], [], []
-    for r, members in enumerate(groups):
-        at = prompts[r]
-        for i in members:
-            seg_rows.append(r)
-            query_cols.append(torch.where(torch.arange(cw) < c_len[i], at + torch.arange(cw), at))
-            seg_len.append(c_len[i])
-            seg_prompt.append(prompts[r])
-            at += c_len[i]
-    query_cols = torch.stack(query_cols)
-    lengths, prompt_of = torch.tensor(seg_len).view(-1, 1, 1), torch.tensor(seg_prompt).view(-1, 1, 1)
-    j = torch.arange(cw)
-    sees_prompt = (k.view(1, 1, -1) < prompt_of).expand(-1, cw, -1)
-    sees_own = (j.view(1, 1, -1) <= j.view(1, -1, 1)) & (j.view(1, 1, -1) < lengths)
-    segment_mask = torch.cat([sees_prompt, sees_own], dim=2)  # [S, Cw, Pw + Cw]
+def _tree_mask(segment: torch.Tensor) -> torch.Tensor:
+    """[R, 1, C, C] bool from segment ids: a token sees the earlier tokens of its own segment and the prompt;
+    padding sees only itself, so no row of the softmax is empty."""
+    columns = segment.shape[1]
+    causal = torch.ones(columns, columns, dtype=torch.bool, device=segment.device).tril()
+    seg_q, seg_k = segment.unsqueeze(2), segment.unsqueeze(1)
+    mask = causal & (seg_k >= 0) & ((seg_k == seg_q) | (seg_k == 0)) & (seg_q >= 0)
+    return (mask | torch.eye(columns, dtype=torch.bool, device=segment.device)).unsqueeze(1)
+
+
+def _shared_layout(segment: torch.Tensor, prompts: list[int], segments: list[tuple[int, int, int]]) -> SharedLayout:
+    """Index tensors for ``shared_prompt_attention`` (see ``SharedLayout``): ``prompts`` is each row's prompt
+    length, ``segments`` each completion's (row, start column, length)."""
+    seg_rows, starts, seg_len = (torch.tensor(column) for column in zip(*segments, strict=True))
+    pw, cw = max(prompts), max(1, int(seg_len.max()))
+    k, j = torch.arange(pw), torch.arange(cw)
     prompt_valid = k < torch.tensor(prompts).unsqueeze(1)  # [R, Pw]
-    segment_valid = j < torch.tensor(seg_len).unsqueeze(1)  # [S, Cw]
+    segment_valid = j < seg_len.unsqueeze(1)  # [S, Cw]
+    query_cols = torch.where(segment_valid, starts.unsqueeze(1) + j, starts.unsqueeze(1))
+    sees_prompt = prompt_valid[seg_rows].unsqueeze(1).expand(-1, cw, -1)
+    sees_own = (j <= j.unsqueeze(1)) & segment_valid.unsqueeze(1)
     p_rows, p_cols = prompt_valid.nonzero(as_tuple=True)
     s_idx, s_j = segment_valid.nonzero(as_tuple=True)
     return SharedLayout(
-        prompt_mask=prompt_mask.unsqueeze(1),
-        segment_rows=torch.tensor(seg_rows),
+        segment=segment,
+        prompt_mask=(((k.unsqueeze(1) >= k) & prompt_valid.unsqueeze(1)) | torch.eye(pw, dtype=torch.bool)).unsqueeze(1),
+        segment_rows=seg_rows,
         query_cols=query_cols,
         key_cols=torch.cat([k.expand(len(seg_rows), -1), query_cols], dim=1),
-        segment_mask=segment_mask.unsqueeze(1),
-        out_rows=torch.cat([p_rows, torch.tensor(seg_rows)[s_idx]]),
+        segment_mask=torch.cat([sees_prompt, sees_own], dim=2).unsqueeze(1),
+        out_rows=torch.cat([p_rows, seg_rows[s_idx]]),
         out_cols=torch.cat([p_cols, query_cols[s_idx, s_j]]),
         prompt_take=prompt_valid.flatten().nonzero().squeeze(1),
         segment_take=segment_valid.flatten().nonzero().squeeze(1),

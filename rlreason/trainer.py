@@ -201,9 +201,10 @@ class Trainer:
         rewards = torch.tensor(scores.total, dtype=torch.float32).view(P, G)
         t_score = time.perf_counter()
 
-        frozen = self._frozen_pass(rollout)
+        inputs = self._model_inputs(rollout)
+        frozen = self._frozen_pass(rollout, inputs)
         advantages, shaping = self._advantages(rewards, rollout, frozen)
-        stats = {**sampling, **shaping, **self.optimize(rollout, advantages, frozen)}
+        stats = {**sampling, **shaping, **self.optimize(rollout, advantages, frozen, inputs)}
         t_end = time.perf_counter()
         self.step += 1
 
@@ -333,7 +334,7 @@ class Trainer:
         }
         return [row for row, *_ in batch], rollout, scores, {**stats, "time_score": score_time}
 
-    def _frozen_pass(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+    def _frozen_pass(self, rollout: Rollout, inputs: list[LogprobInputs]) -> dict[str, torch.Tensor]:
         """What the step needs from models that are not being updated, computed once per batch: the sampling
         policy's log-probs and entropy ("old", "entropy": for num_iterations > 1, the KL in the reward, the
         top-entropy tokens) and the reference's log-probs ("ref")."""
@@ -341,9 +342,9 @@ class Trainer:
         if tr.rollout_logprobs and rollout.logprobs is not None and tr.top_entropy_quantile == 1:
             frozen["old"] = rollout.logprobs  # recorded while sampling: no forward pass
         elif tr.num_iterations > 1 or tr.kl_in_reward or tr.top_entropy_quantile < 1:
-            frozen["old"], frozen["entropy"] = self._frozen_logprobs(self.model, rollout)
+            frozen["old"], frozen["entropy"] = self._frozen_logprobs(self.model, rollout, inputs)
         if self.reference is not None:
-            frozen["ref"], _ = self._frozen_logprobs(self.reference, rollout)
+            frozen["ref"], _ = self._frozen_logprobs(self.reference, rollout, inputs)
         return frozen
 
     def _advantages(self, rewards: torch.Tensor, rollout: Rollout, frozen: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -360,13 +361,15 @@ class Trainer:
             stats["kl"] = float(masked_mean(kl, mask))
         return compute_advantages(rewards, tr.advantage, tr.scale_rewards).flatten(), stats
 
-    def optimize(self, rollout: Rollout, advantages: torch.Tensor, frozen: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    def optimize(
+        self, rollout: Rollout, advantages: torch.Tensor, frozen: dict[str, torch.Tensor], inputs: list[LogprobInputs]
+    ) -> dict[str, float]:
         """``num_iterations`` optimizer steps over the batch, each accumulating gradients over micro-batches.
 
-        ``frozen`` is ``_frozen_pass(rollout)`` (computed here when not given).
+        ``frozen`` is ``_frozen_pass(rollout, inputs)``; ``inputs`` is ``_model_inputs(rollout)``, already on the
+        device, so the loop below never waits on the host.
         """
         tr = self.config.train
-        frozen = self._frozen_pass(rollout) if frozen is None else frozen
         temperature = self.config.rollout.temperature
         # Which tokens train and how much each weighs: once per batch, so that the micro-batches add up.
         loss_mask = rollout.completion_mask.float()
@@ -377,9 +380,7 @@ class Trainer:
             weights = weights * high_entropy_mask(frozen["entropy"], loss_mask, tr.top_entropy_quantile)
         kl_in_loss = tr.beta > 0 and not tr.kl_in_reward
         micro_batches = self._micro_batches(len(advantages))
-        # Everything on the device before the first forward: the loop below then never waits on the host.
         device = self.accelerator.device
-        inputs = [self._micro_batch(rollout, mb) for mb in micro_batches]
         masks = [rollout.completion_mask[mb, : x.completion_width].to(device, non_blocking=True) for mb, x in zip(micro_batches, inputs, strict=True)]
         advantages, weights = advantages.to(device), weights.to(device)
         old = frozen["old"].to(device) if tr.num_iterations > 1 else None
@@ -472,27 +473,30 @@ class Trainer:
         """Reset the reference to the current policy (``train.ref_update_every``)."""
         self.reference.load_state_dict(self.accelerator.unwrap_model(self.model).state_dict())
 
-    def _micro_batch(self, rollout: Rollout, rows: slice) -> LogprobInputs:
-        """The rows' model inputs, laid out on the CPU (columns that are padding in every row cut away) and sent
-        to the device without waiting for it."""
-        prompt_mask, completion_mask = rollout.prompt_mask[rows], rollout.completion_mask[rows]
-        first = int((prompt_mask.sum(dim=0) > 0).nonzero()[0])
-        width = max(int(completion_mask.sum(dim=1).max()), 1)
-        inputs = logprob_inputs(
-            rollout.prompt_ids[rows, first:], prompt_mask[:, first:], rollout.completion_ids[rows, :width], completion_mask[:, :width],
-            packing=self.config.train.packing, shared_prompt=self.config.train.shared_prompt,
-        )
-        return inputs.to(self.accelerator.device)
+    def _model_inputs(self, rollout: Rollout) -> list[LogprobInputs]:
+        """Each micro-batch's model inputs, laid out on the CPU (columns that are padding in every row cut away)
+        and sent to the device without waiting for it: once a step, for the frozen passes and the updates."""
+        tr, out = self.config.train, []
+        for rows in self._micro_batches(len(rollout.texts)):
+            prompt_mask, completion_mask = rollout.prompt_mask[rows], rollout.completion_mask[rows]
+            first = int((prompt_mask.sum(dim=0) > 0).nonzero()[0])
+            width = max(int(completion_mask.sum(dim=1).max()), 1)
+            inputs = logprob_inputs(
+                rollout.prompt_ids[rows, first:], prompt_mask[:, first:], rollout.completion_ids[rows, :width],
+                completion_mask[:, :width], packing=tr.packing, shared_prompt=tr.shared_prompt,
+            )
+            out.append(inputs.to(self.accelerator.device))
+        return out
 
     @torch.no_grad()
-    def _frozen_logprobs(self, model: Any, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    def _frozen_logprobs(self, model: Any, rollout: Rollout, inputs: list[LogprobInputs]) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropy of the batch under a model that is not being updated now (old policy or reference)."""
         device = self.accelerator.device
         out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=device)
         entropy = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=device)
-        for mb in self._micro_batches(len(rollout.texts)):
+        for mb, batch in zip(self._micro_batches(len(rollout.texts)), inputs, strict=True):
             with self.accelerator.autocast():  # the reference is not prepared: give it the policy's precision
-                logprobs, ent = logprobs_from_inputs(model, self._micro_batch(rollout, mb), temperature=self.config.rollout.temperature)
+                logprobs, ent = logprobs_from_inputs(model, batch, temperature=self.config.rollout.temperature)
             out[mb, : logprobs.shape[1]] = logprobs.float()
             entropy[mb, : ent.shape[1]] = ent.float()
         return out.cpu(), entropy.cpu()

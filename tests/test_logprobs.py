@@ -46,6 +46,19 @@ def _loss_and_grads(model, batch, **kw):
     return lp.detach(), ent.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_matches_padded(model, batch, **layout):
+    """Log-probs, entropies, loss and gradients of a row layout equal the padded rows' (the module's tolerances);
+    both are 0 off the completion tokens."""
+    lp_pad, ent_pad, loss_pad, grads_pad = _loss_and_grads(model, batch)
+    lp, ent, loss, grads = _loss_and_grads(model, batch, **layout)
+    mask = batch[3].bool()
+    torch.testing.assert_close(lp[mask], lp_pad[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent[mask], ent_pad[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, loss_pad, atol=1e-5, rtol=0)
+    _close_grads(grads_pad, grads)
+    assert (lp[~mask] == 0).all() and (lp_pad[~mask] == 0).all()
+
+
 def _close_grads(a, b):
     assert a.keys() == b.keys()
     for name in a:
@@ -56,16 +69,7 @@ def _close_grads(a, b):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "deepseek_v3"])
 def test_packed_equals_padded(tmp_path, arch, monkeypatch):
     monkeypatch.setattr(lp_module, "CHUNK_BYTES", 4 * 90 * 7)  # chunks of 7 tokens: several per batch
-    model = _tiny(tmp_path, arch)
-    batch = _batch()
-    lp_pad, ent_pad, loss_pad, grads_pad = _loss_and_grads(model, batch)
-    lp_pack, ent_pack, loss_pack, grads_pack = _loss_and_grads(model, batch, packing=True)
-    mask = batch[3].bool()
-    torch.testing.assert_close(lp_pack[mask], lp_pad[mask], atol=1e-5, rtol=0)
-    torch.testing.assert_close(ent_pack[mask], ent_pad[mask], atol=1e-5, rtol=0)
-    torch.testing.assert_close(loss_pack, loss_pad, atol=1e-5, rtol=0)
-    _close_grads(grads_pad, grads_pack)
-    assert (lp_pack[~mask] == 0).all() and (lp_pad[~mask] == 0).all()
+    _assert_matches_padded(_tiny(tmp_path, arch), _batch(), packing=True)
 
 
 def test_chunked_head_equals_full_logits(tmp_path, monkeypatch):
@@ -137,22 +141,14 @@ def _grouped_batch(seed=0, groups=3, group_size=3, vocab=90):
 @pytest.mark.parametrize(("arch", "attention"), [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("deepseek_v3", "sdpa")])
 def test_shared_prompt_equals_padded(tmp_path, arch, attention):
     """train.shared_prompt: one row per group (prompt once, each completion attending to it and itself) gives the
-    padded rows' log-probs, loss and gradients; a micro-batch may cut a group, and two groups may hold the same
-    prompt text only when they are not next to each other."""
+    padded rows' log-probs, loss and gradients, also when a micro-batch cuts a group."""
     model = _tiny(tmp_path, arch)
     model.config._attn_implementation = attention
     batch = _grouped_batch()
     inputs = logprob_inputs(*batch, shared_prompt=True)
     assert inputs.input_ids.shape[0] == 3  # three groups, three rows
     assert int((inputs.input_ids != 0).sum()) < int(batch[1].sum() + batch[3].sum())  # each prompt stored once
-    lp_pad, ent_pad, loss_pad, grads_pad = _loss_and_grads(model, batch)
-    lp_sh, ent_sh, loss_sh, grads_sh = _loss_and_grads(model, batch, shared_prompt=True)
-    mask = batch[3].bool()
-    torch.testing.assert_close(lp_sh[mask], lp_pad[mask], atol=1e-5, rtol=0)
-    torch.testing.assert_close(ent_sh[mask], ent_pad[mask], atol=1e-5, rtol=0)
-    torch.testing.assert_close(loss_sh, loss_pad, atol=1e-5, rtol=0)
-    _close_grads(grads_pad, grads_sh)
-    assert (lp_sh[~mask] == 0).all()
+    _assert_matches_padded(model, batch, shared_prompt=True)
 
     cut = tuple(t[2:7] for t in batch)  # the end of one group, a whole group, the start of another
     with torch.no_grad():
