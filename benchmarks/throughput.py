@@ -156,18 +156,40 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
 
 
 def profile_step(trainer: Any) -> None:
-    """One more step under torch.profiler: the ops that take the time, and how often the host waited on the GPU."""
+    """One more step under torch.profiler, its two phases apart (sampling and scoring; the training pass): the ops
+    that take each phase's time, and how often the host waited on the GPU."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        trainer.train_step()
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    cfg = trainer.config
+    P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+    state: dict[str, Any] = {}
+
+    def sample() -> None:
+        _, state["rollout"], scores, _ = trainer._sample_groups(P, G)
+        state["rewards"] = torch.tensor(scores.total, dtype=torch.float32).view(P, G)
+
+    def train() -> None:
+        rollout = state["rollout"]
+        inputs = trainer._model_inputs(rollout)
+        frozen = trainer._frozen_pass(rollout, inputs)
+        advantages, _ = trainer._advantages(state["rewards"], rollout, frozen)
+        trainer.optimize(rollout, advantages, frozen, inputs)
+
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    for name, phase in (("sample", sample), ("train", train)):
         sync()
-    events = prof.key_averages()
-    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    print(events.table(sort_by=sort, row_limit=25), flush=True)
-    waits = {e.key: e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync")}
-    print(f"host waits in one step: {waits}", flush=True)
+        start = time.perf_counter()
+        with profile(activities=activities) as prof:
+            phase()
+            sync()
+        wall = time.perf_counter() - start
+        events = prof.key_averages()
+        print(f"--- profile of the {name} phase: {wall * 1e3:.0f} ms under the profiler", flush=True)
+        print(events.table(sort_by=sort, row_limit=40, max_name_column_width=70), flush=True)
+        waits = {e.key: e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "cudaMalloc", "cudaFree")}
+        print(f"host waits and allocations: {waits}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ TRL

@@ -162,7 +162,12 @@ def _decode_attention_kernel(
     tl.store(OUT + (r * H + h * REP + m[:, None]) * D + d[None, :], out.to(OUT.dtype.element_ty), mask=m[:, None] < REP)
 
 
-def decode_attention(q, kp, vp, bias, kc, vc, t, G: int) -> torch.Tensor:
+ATTENTION_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+"""The decode attention kernel's tile and launch shape (benchmarks/decode_kernels.py times the alternatives)."""
+
+
+def decode_attention(q, kp, vp, bias, kc, vc, t, G: int, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None) -> torch.Tensor:
     """[R, H * D]: q [R, H, D] (pre-scaled) attends its group's prompt kp/vp [Pp, Hkv, Wp, D] (``bias`` [Pp, Wp]:
     0 or -inf) and its own completion kc/vc [Pp, Hkv, G, W, D] up to slot t - 1."""
     R, H, D = q.shape
@@ -172,8 +177,9 @@ def decode_attention(q, kp, vp, bias, kc, vc, t, G: int) -> torch.Tensor:
     _decode_attention_kernel[(R, Hkv)](
         q, kp, vp, bias, kc, vc, t, out, G,
         kp.stride(0), kp.stride(1), kp.stride(2), bias.stride(0), kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3),
-        H=H, REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), D=D, BLOCK_N=64, Wp=Wp, IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        H=H, REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), D=D, Wp=Wp, IEEE=q.dtype == torch.float32,
+        BLOCK_N=block_n or ATTENTION_LAUNCH["block_n"], num_warps=num_warps or ATTENTION_LAUNCH["num_warps"],
+        num_stages=num_stages or ATTENTION_LAUNCH["num_stages"],
     )
     return out
 

@@ -340,8 +340,8 @@ class FastEngine:
         key = (P, G, Wp, Wc)
         if self._ws is not None and self._ws.key == key:
             return self._ws
-        self._ws = None  # free the old one (and its graphs) first
-        if self.cuda_graphs:
+        if self._ws is not None and self.cuda_graphs:  # free the old one (and its graphs) first
+            self._ws = None
             torch.cuda.empty_cache()
         N, nl, Hkv, D, dev = P * G, self.num_layers, self.num_kv_heads, self.head_dim, self.device
 
@@ -412,19 +412,15 @@ class FastEngine:
         so that the step can be captured in a CUDA graph.
         """
         temperature = 1.0 if sampling.greedy else sampling.temperature
-        logprobs = torch.log_softmax(logits / temperature, dim=-1)
-        if sampling.min_new_tokens > 0:  # only the EOS columns are touched
+        logprobs = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+        if sampling.min_new_tokens > 0:  # only the EOS columns are touched, in place (the logits are the step's own)
             held = torch.where(t < sampling.min_new_tokens, float("-inf"), logits.index_select(-1, self.eos_tensor))
-            logits = logits.index_copy(-1, self.eos_tensor, held)
+            logits.index_copy_(-1, self.eos_tensor, held)
         if sampling.greedy:
             tokens = logits.argmax(dim=-1)
         else:
-            probs = torch.softmax(seeded.filter_logits(logits, temperature, sampling.top_p, sampling.top_k), dim=-1).double()
-            cdf = probs.cumsum(dim=-1)
-            x = seeded._mix(seeded._mix(seeds) + t * 0x2545F4914F6CDD1D)  # == seeded.uniforms(seeds, int(t))
-            u = (((x >> 11) & ((1 << 53) - 1)).double() + 0.5) / float(1 << 53)
-            tokens = torch.searchsorted(cdf, (u.unsqueeze(-1) * cdf[..., -1:]).contiguous()).squeeze(-1)
-            tokens = tokens.clamp(max=logits.shape[-1] - 1)
+            probs = torch.softmax(seeded.filter_logits(logits, temperature, sampling.top_p, sampling.top_k), dim=-1)
+            tokens = seeded.draw(probs, seeded.uniforms(seeds, t))
         return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
     # ------------------------------------------------------------------ one decode step
@@ -531,9 +527,16 @@ class FastEngine:
         with torch.cuda.stream(side):
             self._step(ws, rows_phase, R, Pp, G, B, sampling)
         torch.cuda.current_stream().wait_stream(side)
+        # capture_begin/end rather than torch.cuda.graph, which empties the allocator's cache first: that would
+        # hand back the training pass's blocks at every generate call, and the next pass would allocate them again
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=ws.pool):
-            self._step(ws, rows_phase, R, Pp, G, B, sampling)  # recorded, not run: the state moves once
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=ws.pool)
+            try:
+                self._step(ws, rows_phase, R, Pp, G, B, sampling)  # recorded, not run: the state moves once
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(side)
         ws.graphs[key] = graph
         self.last_stats["capture_s"] = self.last_stats.get("capture_s", 0.0) + time.perf_counter() - started
 

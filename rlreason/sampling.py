@@ -30,15 +30,19 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 32) & ((1 << 32) - 1))
 
 
-def uniforms(seeds: torch.Tensor, position: int) -> torch.Tensor:
-    """[B] float64 in (0, 1): one per completion for the token at ``position``."""
-    x = _mix(_mix(seeds) + torch.full_like(seeds, position) * 0x2545F4914F6CDD1D)
+def uniforms(seeds: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
+    """[B] float64 in (0, 1): one per completion for the token at ``position`` (an int, or a 0-d tensor on the
+    seeds' device, as a CUDA graph needs it)."""
+    steps = position if isinstance(position, torch.Tensor) else torch.full_like(seeds, position)
+    x = _mix(_mix(seeds) + steps * 0x2545F4914F6CDD1D)
     return (((x >> 11) & ((1 << 53) - 1)).double() + 0.5) / float(1 << 53)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
     """Logits of the sampling distribution: temperature, then top-k, then top-p (nucleus); removed tokens -inf."""
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -51,9 +55,37 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0, 
     return logits
 
 
+DRAW_BLOCK = 1024
+"""Tokens per block of ``draw``'s two-level search."""
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[B] tokens by inverse CDF: the first token whose cumulative probability exceeds ``u`` x the row's total.
+
+    ``probs`` [B, V] need not be normalised. The cumulative sum is taken in float64 (a float32 one drifts by more
+    than a small token's probability over a 50k vocabulary), but only over block totals and then inside the one
+    block the draw falls in: one read of ``probs`` instead of a float64 copy and a float64 scan of all of it,
+    which on a GPU cost more than the rest of a small model's decode step.
+    """
+    B, V = probs.shape
+    blocks = -(-V // DRAW_BLOCK)
+    if blocks * DRAW_BLOCK != V:
+        probs = torch.nn.functional.pad(probs, (0, blocks * DRAW_BLOCK - V))
+    probs = probs.view(B, blocks, DRAW_BLOCK)
+    mass = probs.sum(dim=-1, dtype=torch.float64)  # [B, blocks]
+    cdf = mass.cumsum(dim=-1)
+    target = u.to(cdf.device, torch.float64) * cdf[:, -1]
+    # the block where the cumulative sum first exceeds the target; it holds some probability
+    block = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).clamp(max=blocks - 1)
+    rest = (target.unsqueeze(-1) - (cdf - mass).gather(-1, block)).clamp(min=0)
+    inside = probs.gather(1, block.unsqueeze(-1).expand(B, 1, DRAW_BLOCK)).squeeze(1).double().cumsum(dim=-1)
+    # rounding may put ``rest`` past the block's total: stop at its last token with probability
+    last = (inside < inside[:, -1:]).sum(dim=-1, keepdim=True)
+    token = torch.searchsorted(inside, rest, right=True).clamp(max=last)
+    return (block * DRAW_BLOCK + token).squeeze(-1)
+
+
 def sample(logits: torch.Tensor, seeds: torch.Tensor, position: int, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
     """[B] token ids drawn by inverse CDF with each completion's own uniform for this position."""
-    probs = torch.softmax(filter_logits(logits, temperature, top_p, top_k), dim=-1).double()
-    cdf = probs.cumsum(dim=-1)
-    u = uniforms(seeds, position).to(cdf.device).unsqueeze(-1) * cdf[..., -1:]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+    probs = torch.softmax(filter_logits(logits, temperature, top_p, top_k), dim=-1)
+    return draw(probs, uniforms(seeds, position))
