@@ -116,6 +116,7 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
             bf16="true" if args.bf16 else "false",
             gradient_checkpointing=False,
             compile=args.compile,
+            cuda_graphs=args.cuda_graphs,
             shared_prompt=args.shared_prompt,
             **({"packing": args.packing} if args.packing is not None else {}),
         ),
@@ -297,6 +298,7 @@ def main() -> None:
     parser.add_argument("--engine", default="fast", help="rlreason's rollout.engine")
     parser.add_argument("--packing", default=None, help="rlreason's train.packing (default: the config default)")
     parser.add_argument("--compile", action="store_true", help="rlreason's train.compile (torch.compile the decoder stack)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="rlreason's train.cuda_graphs (with --compile: the passes replayed as CUDA graphs)")
     parser.add_argument("--bf16", action="store_true", help="on the CPU: bf16 autocast on both sides (default float32; GPUs: always)")
     parser.add_argument("--shared-prompt", action="store_true", help="rlreason's train.shared_prompt (each group's prompt computed once)")
     parser.add_argument("--profile", action="store_true", help="profile one more rlreason step and print where its time goes")

@@ -113,6 +113,22 @@ def logprob_inputs(
     return LogprobInputs(ids, positions, mask, out_rows, cols, targets, out_rows, out_cols, len(completion_ids), width, False)
 
 
+def pad_left_to(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, first: int, completion_width: int, multiple: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded prompts [N, Pw] whose columns from ``first`` on, followed by ``completion_width`` columns, make a
+    row of a multiple of ``multiple`` tokens: (ids, mask, the new first column), with padding columns added on the
+    left where the prompts have too few. Padding is masked out, so log-probs do not change; what changes is how
+    few distinct widths the model sees (train.cuda_graphs records a graph per width)."""
+    used = prompt_ids.shape[1] - first
+    wanted = -(-(used + completion_width) // multiple) * multiple - completion_width
+    missing = wanted - prompt_ids.shape[1]
+    if missing > 0:
+        prompt_ids = F.pad(prompt_ids, (missing, 0), value=pad_id)
+        prompt_mask = F.pad(prompt_mask, (missing, 0), value=0)
+    return prompt_ids, prompt_mask, prompt_ids.shape[1] - wanted
+
+
 def completion_logprobs(
     model: PreTrainedModel,
     prompt_ids: torch.Tensor,

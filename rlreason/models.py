@@ -90,7 +90,7 @@ def load_model(
     return AutoModelForCausalLM.from_pretrained(resolve(name, cache_dir), dtype=DTYPES[dtype], revision=revision)
 
 
-def compile_decoder(model: PreTrainedModel, backend: str = "inductor") -> None:
+def compile_decoder(model: PreTrainedModel, backend: str = "inductor", mode: str | None = None) -> None:
     """torch.compile the forward of the model's decoder stack (embeddings, mask, every layer, final norm) in place.
 
     One graph for the whole stack rather than one per layer: a small model's training pass on a GPU is bound by
@@ -98,8 +98,9 @@ def compile_decoder(model: PreTrainedModel, backend: str = "inductor") -> None:
     micro-batches) the stack trained in 0.58 s per step against 0.81 s layer by layer (the same machine) and 0.78 s eager
     (another). The
     module's own call, with its hooks, stays eager (a forward hook does not recompile it), and the parameters keep
-    their names (checkpoints load in eager models). A new sequence width recompiles once, with a dynamic width."""
+    their names (checkpoints load in eager models). A new sequence width recompiles once, with a dynamic width.
+    ``mode`` is torch.compile's ("reduce-overhead": CUDA graphs, train.cuda_graphs)."""
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if not isinstance(base, torch.nn.Module):
         raise ValueError(f"train.compile: {type(model).__name__} has no decoder stack at .{model.base_model_prefix}")
-    base.forward = torch.compile(base.forward, backend=backend)
+    base.forward = torch.compile(base.forward, backend=backend, mode=mode)

@@ -41,7 +41,7 @@ from rlreason.config import Config, ConfigError, save_config
 from rlreason.data import PromptStream, encode_prompts, task_dataset
 from rlreason.evaluate import evaluate_config
 from rlreason.fast_rollout import build_engine
-from rlreason.logprobs import LogprobInputs, logprob_inputs, logprobs_from_inputs
+from rlreason.logprobs import LogprobInputs, logprob_inputs, logprobs_from_inputs, pad_left_to
 from rlreason.losses import high_entropy_mask, kl_divergence, masked_mean, policy_loss, token_weights
 from rlreason.models import compile_decoder, load_model, load_tokenizer
 from rlreason.reasoning import Milestones, length_stats, reasoning_stats, task_accuracy, token_counter
@@ -125,7 +125,7 @@ class Trainer:
         if tr.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if tr.compile:
-            compile_decoder(model)
+            compile_decoder(model, mode="reduce-overhead" if tr.cuda_graphs else None)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=tr.learning_rate, betas=tuple(tr.adam_betas), weight_decay=tr.weight_decay
         )
@@ -478,11 +478,13 @@ class Trainer:
         and sent to the device without waiting for it: once a step, for the frozen passes and the updates."""
         tr, out = self.config.train, []
         for rows in self._micro_batches(len(rollout.texts)):
-            prompt_mask, completion_mask = rollout.prompt_mask[rows], rollout.completion_mask[rows]
+            prompt_ids, prompt_mask, completion_mask = rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_mask[rows]
             first = int((prompt_mask.sum(dim=0) > 0).nonzero()[0])
             width = max(int(completion_mask.sum(dim=1).max()), 1)
+            if tr.cuda_graphs:  # one graph per 64-token bucket of row widths: the prompts padded on the left to fit
+                prompt_ids, prompt_mask, first = pad_left_to(prompt_ids, prompt_mask, first, width, 64, self.tokenizer.pad_token_id)
             inputs = logprob_inputs(
-                rollout.prompt_ids[rows, first:], prompt_mask[:, first:], rollout.completion_ids[rows, :width],
+                prompt_ids[:, first:], prompt_mask[:, first:], rollout.completion_ids[rows, :width],
                 completion_mask[:, :width], packing=tr.packing, shared_prompt=tr.shared_prompt,
             )
             out.append(inputs.to(self.accelerator.device))

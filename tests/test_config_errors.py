@@ -26,6 +26,9 @@ CASES = [
     (["task.name=arithmatic"], "task.name: unknown task 'arithmatic'; did you mean 'arithmetic'?"),
     (["sft.data=/nonexistent/traces.jsonl", "sft.steps=5"], "sft.data: file '/nonexistent/traces.jsonl' does not exist"),
     (["run.output_dir=OUTSIDE/a-file/run"], "cannot be written (OUTSIDE/a-file is not a writable directory)"),
+    (["train.cuda_graphs=true"], "train.cuda_graphs: needs train.compile"),
+    (["train.cuda_graphs=true", "train.compile=true", "rollout.engine=fast", "train.packing=true"],
+     "train.cuda_graphs: padded rows only"),
     (["model.dtype=float8"], "model.dtype: must be 'float32' or 'bfloat16'"),
     (["eval.samples=2", "eval.k=[4]"], "eval.k: every k must be between 1 and eval.samples = 2"),
 ]

@@ -10,7 +10,7 @@ from conftest import build_char_tokenizer, tiny_config
 from transformers import AutoModelForCausalLM
 
 import rlreason.logprobs as lp_module
-from rlreason.logprobs import _full_logits_path, completion_logprobs, logprob_inputs
+from rlreason.logprobs import _full_logits_path, completion_logprobs, logprob_inputs, pad_left_to
 from rlreason.models import compile_decoder
 
 
@@ -123,6 +123,23 @@ def test_compiled_decoder_gives_the_same_loss_and_gradients(tmp_path):
         _close_grads(grads_e, grads_c)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints keep their names
+
+
+@pytest.mark.parametrize("first", [0, 3])
+def test_rows_padded_to_a_width_bucket_give_the_same_log_probs(tmp_path, first):
+    """train.cuda_graphs pads prompts on the left so every row width is a multiple of the bucket; masked padding
+    leaves the log-probs as they were (first > 0: some columns dropped before padding, as the trainer trims)."""
+    model = _tiny(tmp_path, "llama")
+    prompt_ids, prompt_mask, completion_ids, completion_mask = _batch(seed=7)
+    prompt_ids, prompt_mask = torch.nn.functional.pad(prompt_ids, (first, 0)), torch.nn.functional.pad(prompt_mask, (first, 0))
+    width = completion_ids.shape[1]
+    ids, mask, start = pad_left_to(prompt_ids, prompt_mask, first, width, 16, pad_id=0)
+    assert (ids.shape[1] - start + width) % 16 == 0 and 0 <= start
+    assert int(mask[:, start:].sum()) == int(prompt_mask.sum())  # every prompt token kept, only padding added
+    with torch.no_grad():
+        expected, _ = completion_logprobs(model, prompt_ids[:, first:], prompt_mask[:, first:], completion_ids, completion_mask)
+        got, _ = completion_logprobs(model, ids[:, start:], mask[:, start:], completion_ids, completion_mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def _grouped_batch(seed=0, groups=3, group_size=3, vocab=90):
