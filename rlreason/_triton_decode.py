@@ -162,7 +162,7 @@ def _decode_attention_kernel(
     tl.store(OUT + (r * H + h * REP + m[:, None]) * D + d[None, :], out.to(OUT.dtype.element_ty), mask=m[:, None] < REP)
 
 
-ATTENTION_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+ATTENTION_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 """The decode attention kernel's tile and launch shape (benchmarks/decode_kernels.py times the alternatives)."""
 
 
