@@ -389,10 +389,16 @@ class Trainer:
         grad_norms: list[float] = []
         skipped = 0
         self.model.train()
+        if tr.cuda_graphs:  # a graph's outputs (gradients too) are overwritten at its next replay: accumulate elsewhere
+            for p in self.model.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         for _ in range(tr.num_iterations):
             for i, (mb, batch, mask) in enumerate(zip(micro_batches, inputs, masks, strict=True)):
                 sync = i == len(micro_batches) - 1
                 width = batch.completion_width
+                if tr.cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # nothing of the last micro-batch's replay is needed
                 with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
                     logprobs, entropy = logprobs_from_inputs(self.model, batch, temperature=temperature, entropy_grad=tr.entropy_coef != 0)
                     mask = mask.to(logprobs.dtype)
@@ -436,7 +442,7 @@ class Trainer:
             else:  # a NaN/inf update would poison the weights for good: drop it, count it, say so
                 skipped += 1
                 log.warning("step %d: non-finite loss or gradient norm (%s), update skipped", self.step + 1, grad_norm)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=not tr.cuda_graphs)
         out = {k: float(torch.stack(v).float().mean()) for k, v in totals.items() if v}
         if grad_norms:
             out["grad_norm"] = float(np.mean(grad_norms))
