@@ -51,6 +51,12 @@ def peak_memory_gb() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+def peak_reserved_gb() -> float:
+    """What the caching allocator held at most: with CUDA graphs the memory a graph replays into was allocated
+    when it was recorded, so only this bound counts it."""
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
 def ceilings() -> tuple[float, float]:
     """(device-to-device copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured here."""
     from benchmarks.gpu_checks import ceilings as measure
@@ -146,6 +152,7 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
         "generate_s": statistics.median(m["time_generate"] for m in parts),
         "optimize_s": statistics.median(m["time_optimize"] for m in parts),
         "peak_gb": peak_memory_gb(),
+        "reserved_gb": peak_reserved_gb(),
         "times": times,
     }
     engine_stats = getattr(trainer.engine, "last_stats", None)
@@ -275,6 +282,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, rows: list[dict[str, Any]
         "generate_s": statistics.median(generate_times[args.warmup :]),
         "optimize_s": float("nan"),
         "peak_gb": peak_memory_gb(),
+        "reserved_gb": peak_reserved_gb(),
         "times": times,
     }
     result["optimize_s"] = result["step_s"] - result["generate_s"]
@@ -340,13 +348,13 @@ def main() -> None:
     bandwidth, peak = ceilings() if cuda else (float("nan"), float("nan"))
     print(f"\n{args.model}  P={args.prompts} G={args.group} L={args.max_new_tokens}  micro-batch {args.micro_batch}  "
           f"{args.dtype}  on {device}")
-    print("| side | step (s) | completion tok/s | generate (s) | train (s) | train MFU | peak mem (GiB) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| side | step (s) | completion tok/s | generate (s) | train (s) | train MFU | peak mem (GiB) | peak reserved (GiB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         r["tokens_per_s"] = r["tokens_per_step"] / r["step_s"]
         r["train_mfu"] = flops / r["optimize_s"] / peak
         print(f"| {r['side']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['generate_s']:.2f} | "
-              f"{r['optimize_s']:.2f} | {r['train_mfu']:.1%} | {r['peak_gb']:.2f} |")
+              f"{r['optimize_s']:.2f} | {r['train_mfu']:.1%} | {r['peak_gb']:.2f} | {r['reserved_gb']:.2f} |")
     for r in results:
         e = r.get("engine")
         if e and e.get("decode_steps"):

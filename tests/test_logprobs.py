@@ -134,7 +134,7 @@ def test_rows_padded_to_a_width_bucket_give_the_same_log_probs(tmp_path, first):
     prompt_ids, prompt_mask = torch.nn.functional.pad(prompt_ids, (first, 0)), torch.nn.functional.pad(prompt_mask, (first, 0))
     width = completion_ids.shape[1]
     ids, mask, start = pad_left_to(prompt_ids, prompt_mask, first, width, 16, pad_id=0)
-    assert (ids.shape[1] - start + width) % 16 == 0 and 0 <= start
+    assert (ids.shape[1] - start + width) % 16 == 0 and start >= 0
     assert int(mask[:, start:].sum()) == int(prompt_mask.sum())  # every prompt token kept, only padding added
     with torch.no_grad():
         expected, _ = completion_logprobs(model, prompt_ids[:, first:], prompt_mask[:, first:], completion_ids, completion_mask)

@@ -130,3 +130,35 @@ def test_reference_model_only_when_beta_positive(tiny_llama, tmp_path):
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # first step: policy == reference
     no_ref = Trainer(load_config(config, ["train.beta=0.0", f"run.output_dir={tmp_path / 'run2'}"]))
     assert no_ref.reference is None
+
+
+def test_cuda_graph_layout_trains_like_the_plain_one(tmp_path, monkeypatch):
+    """train.cuda_graphs changes the row layout (prompts padded on the left to 64-token widths) and where the
+    gradients accumulate (tensors kept from step to step); with the compiler left out on the CPU, two steps must
+    move the weights as the plain layout does. The graphs themselves need a GPU (benchmarks/throughput.py)."""
+    import rlreason.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "compile_decoder", lambda model, **kw: None)
+    model_dir = make_tiny_model(tmp_path / "model")
+    results = {}
+    for graphs in (False, True):
+        path = write_config(
+            tmp_path / f"{graphs}.yaml", model_dir, tmp_path / f"run-{graphs}", rewards=[{"name": "conftest:char_codes"}],
+            rollout={"engine": "fast"}, train={"compile": True, "cuda_graphs": graphs, "micro_batch_size": 2, "bf16": "false"},
+            run={"eval_before": False},
+        )
+        trainer = Trainer(load_config(path))
+        metrics = [trainer.train_step() for _ in range(2)]
+        _, rollout, _, _ = trainer._sample_groups(2, 4)
+        widths = {x.input_ids.shape[1] for x in trainer._model_inputs(rollout)}
+        grads = [p.grad for p in trainer.model.parameters()]
+        results[graphs] = (metrics, [p.detach().clone() for p in trainer.model.parameters()], widths, grads)
+    (plain, plain_params, plain_widths, plain_grads), (graphed, graphed_params, widths, grads) = results[False], results[True]
+    assert all(w % 64 == 0 for w in widths) and not any(w % 64 == 0 for w in plain_widths)
+    assert all(g is not None and not g.any() for g in grads)  # kept, zeroed after each optimizer step
+    assert all(g is None for g in plain_grads)
+    for a, b in zip(plain, graphed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    moved = max(float((a - b).abs().max()) for a, b in zip(plain_params, graphed_params, strict=True))
+    assert moved < 1e-5
