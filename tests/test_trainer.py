@@ -134,8 +134,9 @@ def test_reference_model_only_when_beta_positive(tiny_llama, tmp_path):
 
 def test_cuda_graph_layout_trains_like_the_plain_one(tmp_path, monkeypatch):
     """train.cuda_graphs changes the row layout (prompts padded on the left to 64-token widths) and where the
-    gradients accumulate (tensors kept from step to step); with the compiler left out on the CPU, two steps must
-    move the weights as the plain layout does. The graphs themselves need a GPU (benchmarks/throughput.py)."""
+    gradients accumulate (tensors kept from step to step, zeroed after each update); with the compiler left out on
+    the CPU, each step's gradient must be the plain layout's. The graphs themselves need a GPU
+    (benchmarks/throughput.py --cuda-graphs). Updates are left out so that both runs see the same batches."""
     import rlreason.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "compile_decoder", lambda model, **kw: None)
@@ -144,21 +145,20 @@ def test_cuda_graph_layout_trains_like_the_plain_one(tmp_path, monkeypatch):
     for graphs in (False, True):
         path = write_config(
             tmp_path / f"{graphs}.yaml", model_dir, tmp_path / f"run-{graphs}", rewards=[{"name": "conftest:char_codes"}],
-            rollout={"engine": "fast"}, train={"compile": True, "cuda_graphs": graphs, "micro_batch_size": 2, "bf16": "false"},
+            rollout={"engine": "fast"}, train={"compile": True, "cuda_graphs": graphs, "micro_batch_size": 2},
             run={"eval_before": False},
         )
         trainer = Trainer(load_config(path))
-        metrics = [trainer.train_step() for _ in range(2)]
+        gradients = []
+        trainer.optimizer.step = lambda t=trainer, out=gradients: out.append([p.grad.clone() for p in t.model.parameters()])
+        for _ in range(2):
+            trainer.train_step()
         _, rollout, _, _ = trainer._sample_groups(2, 4)
         widths = {x.input_ids.shape[1] for x in trainer._model_inputs(rollout)}
-        grads = [p.grad for p in trainer.model.parameters()]
-        results[graphs] = (metrics, [p.detach().clone() for p in trainer.model.parameters()], widths, grads)
-    (plain, plain_params, plain_widths, plain_grads), (graphed, graphed_params, widths, grads) = results[False], results[True]
+        results[graphs] = (gradients, widths, [p.grad for p in trainer.model.parameters()])
+    (plain, plain_widths, plain_kept), (graphed, widths, kept) = results[False], results[True]
     assert all(w % 64 == 0 for w in widths) and not any(w % 64 == 0 for w in plain_widths)
-    assert all(g is not None and not g.any() for g in grads)  # kept, zeroed after each optimizer step
-    assert all(g is None for g in plain_grads)
-    for a, b in zip(plain, graphed, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    moved = max(float((a - b).abs().max()) for a, b in zip(plain_params, graphed_params, strict=True))
-    assert moved < 1e-5
+    assert all(g is not None and not g.any() for g in kept) and all(g is None for g in plain_kept)
+    for step_plain, step_graphed in zip(plain, graphed, strict=True):  # each step's gradient, bf16 autocast's rounding apart
+        a, b = torch.cat([g.flatten() for g in step_plain]), torch.cat([g.flatten() for g in step_graphed])
+        assert float((a - b).norm()) < 0.01 * float(a.norm())
