@@ -142,8 +142,6 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
             parts.append(metrics)
-    if args.profile:
-        profile_step(trainer)
     tokens = [m["completion_length"] * P * G for m in parts]
     result = {
         "side": f"rlreason ({args.engine})",
@@ -158,43 +156,46 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
     engine_stats = getattr(trainer.engine, "last_stats", None)
     if engine_stats:
         result["engine"] = dict(engine_stats)
+    if args.profile:  # after the timed steps' numbers are read: the profiled step would change them
+        profile_step(trainer)
     del trainer
     reset_memory()
     return result
 
 
 def profile_step(trainer: Any) -> None:
-    """One more step under torch.profiler, its two phases apart (sampling and scoring; the training pass): the ops
-    that take each phase's time, and how often the host waited on the GPU."""
+    """One more step under torch.profiler, its two phases apart (sampling and scoring; the rest of the step): the
+    ops that take each phase's time, and how often the host waited on the GPU."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    cfg = trainer.config
-    P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
-    state: dict[str, Any] = {}
+    phases = {"sample": profile(activities=activities), "train": profile(activities=activities)}
+    walls: dict[str, float] = {}
+    sample_groups = trainer._sample_groups
 
-    def sample() -> None:
-        _, state["rollout"], scores, _ = trainer._sample_groups(P, G)
-        state["rewards"] = torch.tensor(scores.total, dtype=torch.float32).view(P, G)
-
-    def train() -> None:
-        rollout = state["rollout"]
-        inputs = trainer._model_inputs(rollout)
-        frozen = trainer._frozen_pass(rollout, inputs)
-        advantages, _ = trainer._advantages(state["rewards"], rollout, frozen)
-        trainer.optimize(rollout, advantages, frozen, inputs)
-
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    for name, phase in (("sample", sample), ("train", train)):
+    def sampled(*args: Any, **kwargs: Any) -> Any:  # the sampling profile ends, and the training one starts, here
         sync()
-        start = time.perf_counter()
-        with profile(activities=activities) as prof:
-            phase()
-            sync()
-        wall = time.perf_counter() - start
+        walls["sample"] = time.perf_counter()
+        phases["sample"].start()
+        out = sample_groups(*args, **kwargs)
+        sync()
+        phases["sample"].stop()
+        walls["train"] = time.perf_counter()
+        walls["sample"] = walls["train"] - walls["sample"]
+        phases["train"].start()
+        return out
+
+    trainer._sample_groups = sampled
+    trainer.train_step()
+    sync()
+    phases["train"].stop()
+    walls["train"] = time.perf_counter() - walls["train"]
+    del trainer._sample_groups
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    for name, prof in phases.items():
         events = prof.key_averages()
-        print(f"--- profile of the {name} phase: {wall * 1e3:.0f} ms under the profiler", flush=True)
+        print(f"--- profile of the {name} phase: {walls[name] * 1e3:.0f} ms under the profiler", flush=True)
         print(events.table(sort_by=sort, row_limit=40, max_name_column_width=70), flush=True)
         waits = {e.key: e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "cudaMalloc", "cudaFree")}
         print(f"host waits and allocations: {waits}", flush=True)

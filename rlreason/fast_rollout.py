@@ -340,9 +340,10 @@ class FastEngine:
         key = (P, G, Wp, Wc)
         if self._ws is not None and self._ws.key == key:
             return self._ws
-        if self._ws is not None and self.cuda_graphs:  # free the old one (and its graphs) first
+        if self._ws is not None:  # free the old one (and its graphs) first
             self._ws = None
-            torch.cuda.empty_cache()
+            if self.cuda_graphs:
+                torch.cuda.empty_cache()
         N, nl, Hkv, D, dev = P * G, self.num_layers, self.num_kv_heads, self.head_dim, self.device
 
         def zeros(*shape: int, dtype: torch.dtype = self.dtype) -> torch.Tensor:
@@ -406,11 +407,8 @@ class FastEngine:
     # ------------------------------------------------------------------ sampling
 
     def _sample(self, logits: torch.Tensor, seeds: torch.Tensor, t: torch.Tensor, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token and its log-probability at the sampling temperature, for each row of float32 ``logits``.
-
-        The same draw as ``rlreason.sampling.sample`` (what HFEngine uses), with the position ``t`` as a tensor
-        so that the step can be captured in a CUDA graph.
-        """
+        """Token and its log-probability at the sampling temperature, for each row of float32 ``logits``: the draw
+        of ``rlreason.sampling.sample`` (what HFEngine uses), with the position ``t`` a tensor for CUDA graphs."""
         temperature = 1.0 if sampling.greedy else sampling.temperature
         logprobs = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
         if sampling.min_new_tokens > 0:  # only the EOS columns are touched, in place (the logits are the step's own)
@@ -419,8 +417,7 @@ class FastEngine:
         if sampling.greedy:
             tokens = logits.argmax(dim=-1)
         else:
-            probs = torch.softmax(seeded.filter_logits(logits, temperature, sampling.top_p, sampling.top_k), dim=-1)
-            tokens = seeded.draw(probs, seeded.uniforms(seeds, t))
+            tokens = seeded.sample(logits, seeds, t, temperature, sampling.top_p, sampling.top_k)
         return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
     # ------------------------------------------------------------------ one decode step

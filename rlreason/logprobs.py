@@ -63,10 +63,13 @@ class LogprobInputs:
     targets: torch.Tensor
     out_rows: torch.Tensor
     out_cols: torch.Tensor
-    num_rows: int  # N, the micro-batch's rows before packing
-    completion_width: int  # Lc
+    completion_mask: torch.Tensor  # [N, Lc] the micro-batch's completion tokens (N rows before packing)
     packed: bool  # rows are not the micro-batch's rows (packed or shared prompts)
     shared: SharedLayout | None = None
+
+    @property
+    def completion_width(self) -> int:
+        return self.completion_mask.shape[1]
 
     def to(self, device: torch.device | str) -> LogprobInputs:
         """Every tensor on ``device``, without waiting for the device."""
@@ -97,20 +100,19 @@ def logprob_inputs(
     padding does not shift the prompt's positions."""
     out_rows, out_cols = completion_mask.nonzero(as_tuple=True)
     targets = completion_ids[out_rows, out_cols]
-    width = completion_ids.shape[1]
     if packing and shared_prompt:
         raise ValueError("train.packing and train.shared_prompt: choose one layout")
     if shared_prompt:
         ids, positions, rows, cols, layout = _share_prompts(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        return LogprobInputs(ids, positions, None, rows, cols, targets, out_rows, out_cols, len(completion_ids), width, True, layout)
+        return LogprobInputs(ids, positions, None, rows, cols, targets, out_rows, out_cols, completion_mask, True, layout)
     if packing:
         ids, positions, rows, cols = _pack(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        return LogprobInputs(ids, positions, None, rows, cols, targets, out_rows, out_cols, len(completion_ids), width, True)
+        return LogprobInputs(ids, positions, None, rows, cols, targets, out_rows, out_cols, completion_mask, True)
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     cols = out_cols + prompt_ids.shape[1] - 1  # the position before a completion token predicts it
-    return LogprobInputs(ids, positions, mask, out_rows, cols, targets, out_rows, out_cols, len(completion_ids), width, False)
+    return LogprobInputs(ids, positions, mask, out_rows, cols, targets, out_rows, out_cols, completion_mask, False)
 
 
 def pad_left_to(
@@ -181,7 +183,7 @@ def logprobs_from_inputs(model: PreTrainedModel, inputs: LogprobInputs, temperat
 
 def _scatter(values: torch.Tensor, inputs: LogprobInputs) -> torch.Tensor:
     """[T] per-token values back to [N, Lc], zeros elsewhere (differentiable, no host synchronisation)."""
-    out = values.new_zeros(inputs.num_rows, inputs.completion_width)
+    out = values.new_zeros(inputs.completion_mask.shape)
     return out.index_put((inputs.out_rows, inputs.out_cols), values)
 
 
@@ -450,5 +452,5 @@ def _full_logits_path(model, inputs: LogprobInputs, temperature: float, entropy_
     token_logprobs = logprobs.gather(-1, inputs.input_ids[:, -length:].unsqueeze(-1)).squeeze(-1)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logprobs.exp() * logprobs).sum(-1)
-    keep = inputs.attention_mask[:, -length:].to(token_logprobs.dtype)
+    keep = inputs.completion_mask.to(token_logprobs.dtype)
     return token_logprobs * keep, entropy * keep

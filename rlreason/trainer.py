@@ -381,7 +381,6 @@ class Trainer:
         kl_in_loss = tr.beta > 0 and not tr.kl_in_reward
         micro_batches = self._micro_batches(len(advantages))
         device = self.accelerator.device
-        masks = [rollout.completion_mask[mb, : x.completion_width].to(device, non_blocking=True) for mb, x in zip(micro_batches, inputs, strict=True)]
         advantages, weights = advantages.to(device), weights.to(device)
         old = frozen["old"].to(device) if tr.num_iterations > 1 else None
         ref = frozen["ref"].to(device) if kl_in_loss else None
@@ -390,18 +389,18 @@ class Trainer:
         skipped = 0
         self.model.train()
         if tr.cuda_graphs:  # a graph's outputs (gradients too) are overwritten at its next replay: accumulate elsewhere
-            for p in self.model.parameters():
+            for p in self.model.parameters():  # (every step: the cold-start SFT, for one, leaves them None)
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
         for _ in range(tr.num_iterations):
-            for i, (mb, batch, mask) in enumerate(zip(micro_batches, inputs, masks, strict=True)):
+            for i, (mb, batch) in enumerate(zip(micro_batches, inputs, strict=True)):
                 sync = i == len(micro_batches) - 1
                 width = batch.completion_width
                 if tr.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # nothing of the last micro-batch's replay is needed
                 with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
                     logprobs, entropy = logprobs_from_inputs(self.model, batch, temperature=temperature, entropy_grad=tr.entropy_coef != 0)
-                    mask = mask.to(logprobs.dtype)
+                    mask = batch.completion_mask.to(logprobs.dtype)
                     # one pass over a batch sampled from this very policy: the ratio is exactly 1, nothing clips
                     old_lp = old[mb, :width] if old is not None else logprobs.detach()
                     per_token, stats = policy_loss(
