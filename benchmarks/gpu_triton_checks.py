@@ -19,6 +19,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton needs a GPU here, or TRITON_INTERPRET=1", allow_module_level=True)
 
 from rlreason import _triton_decode as K  # noqa: E402
+from rlreason import sampling  # noqa: E402
 from rlreason.fast_rollout import FastEngine  # noqa: E402
 from rlreason.models import load_model, load_tokenizer  # noqa: E402
 from rlreason.rollout import HFEngine, SamplingParams  # noqa: E402
@@ -33,21 +34,24 @@ def on_device():
         yield
 
 
-@pytest.mark.usefixtures("on_device")
-def test_add_rms_norm_and_silu_mul():
-    x, delta, w = torch.randn(5, 96), torch.randn(5, 96), torch.randn(96)
-    expected_x = x + delta
-    normed = expected_x * torch.rsqrt(expected_x.pow(2).mean(-1, keepdim=True) + 1e-5)
-    out = K.add_rms_norm(x, delta, w, 1e-5)
-    torch.testing.assert_close(x, expected_x)
-    torch.testing.assert_close(out, w * normed, atol=1e-5, rtol=1e-5)
-    gu = torch.randn(3, 2 * 70)
-    torch.testing.assert_close(K.silu_mul(gu), torch.nn.functional.silu(gu[:, :70]) * gu[:, 70:], atol=1e-5, rtol=1e-5)
+def _inv_rms(x, eps):
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 @pytest.mark.usefixtures("on_device")
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_rope_cache_and_attention_against_plain_math(qk_norm):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_rms_norm_and_silu_mul(with_bias):
+    x, w = torch.randn(5, 96), torch.randn(96)
+    torch.testing.assert_close(K.rms_norm(x, w, 1e-5), w * x * _inv_rms(x, 1e-5), atol=1e-5, rtol=1e-5)
+    gu, bias = torch.randn(5, 2 * 70) * 4, torch.randn(2 * 70) if with_bias else None
+    scaled = gu * _inv_rms(x, 1e-5) + (bias if with_bias else 0)
+    expected = torch.nn.functional.silu(scaled[:, :70]) * scaled[:, 70:]
+    torch.testing.assert_close(K.silu_mul(gu, x, bias, 1e-5), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("on_device")
+@pytest.mark.parametrize("qk_norm,with_bias", [(False, False), (True, False), (False, True)])
+def test_rope_cache_and_attention_against_plain_math(qk_norm, with_bias):
     torch.manual_seed(0)
     Pp, G, H, Hkv, D, Wp, Wc, t = 2, 3, 4, 2, 16, 7, 9, 5
     R = Pp * G
@@ -59,7 +63,10 @@ def test_rope_cache_and_attention_against_plain_math(qk_norm):
     kc, vc = torch.randn(Pp, Hkv, G, Wc, D), torch.randn(Pp, Hkv, G, Wc, D)
     qn, kn = (torch.rand(D) + 0.5, torch.rand(D) + 0.5) if qk_norm else (None, None)
     tt = torch.tensor(t)
-    q = K.rope_and_cache(qkv, cos, signed_sin, pos0, tt, kc, vc, qn, kn, 1e-6, H, Hkv, D, G)
+    x = torch.randn(R, 40) * 3  # the residual stream: qkv is scaled by its 1/rms
+    bias = torch.randn((H + 2 * Hkv) * D) if with_bias else None
+    q = K.rope_and_cache(qkv, x, bias, cos, signed_sin, pos0, tt, kc, vc, qn, kn, 1e-6, H, Hkv, D, G)
+    qkv = qkv * _inv_rms(x, 1e-6) + (bias if with_bias else 0)
 
     def rope(x, pos):
         rot = torch.cat([-x[..., D // 2 :], x[..., : D // 2]], -1)
@@ -74,7 +81,7 @@ def test_rope_cache_and_attention_against_plain_math(qk_norm):
     v_ref = qkv[:, (H + Hkv) * D :].view(R, Hkv, D)
     torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kc[:, :, :, t - 1].permute(0, 2, 1, 3).reshape(R, Hkv, D), k_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(vc[:, :, :, t - 1].permute(0, 2, 1, 3).reshape(R, Hkv, D), v_ref)
+    torch.testing.assert_close(vc[:, :, :, t - 1].permute(0, 2, 1, 3).reshape(R, Hkv, D), v_ref, atol=1e-5, rtol=1e-5)
 
     kp, vp = torch.randn(Pp, Hkv, Wp, D), torch.randn(Pp, Hkv, Wp, D)
     bias = torch.zeros(Pp, Wp)
@@ -87,6 +94,33 @@ def test_rope_cache_and_attention_against_plain_math(qk_norm):
         scores = (q[r].unsqueeze(1) @ keys.transpose(1, 2)).squeeze(1) + torch.cat([bias[p], torch.zeros(t)])
         expected = (scores.softmax(-1).unsqueeze(1) @ values).squeeze(1).reshape(H * D)
         torch.testing.assert_close(out[r], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("on_device")
+@pytest.mark.parametrize("dtype,temperature,banned", [(torch.float32, 1.0, False), (torch.bfloat16, 0.7, True)])
+def test_sample_and_record_is_the_seeded_draw(dtype, temperature, banned):
+    torch.manual_seed(0)
+    R, V, width, eos = 6, 3000, 9, torch.tensor([2, 7])  # V is not a multiple of the block: a short last block
+    logits = (torch.randn(R, V) * 3).to(dtype)
+    logits[0, 2] = 40.0  # row 0 would end at once if EOS were allowed
+    seeds, t = torch.arange(100, 100 + R), torch.tensor(4)
+    row_ids = torch.tensor([5, 0, 1, 2, 3, 6])  # after a compaction: slot r writes output row row_ids[r]
+    out_tokens, out_logprobs = torch.zeros(R + 1, width, dtype=torch.long), torch.zeros(R + 1, width)
+    tokens, done = torch.zeros(R, dtype=torch.long), torch.tensor([False, False, True, False, False, False])
+    min_new = 10 if banned else 0
+    K.sample_and_record(logits, temperature, min_new, eos, seeds, t, row_ids, out_tokens, out_logprobs, tokens, done)
+
+    plain = logits.float()
+    expected_lp = torch.log_softmax(plain / temperature, dim=-1)
+    held = plain.clone()
+    if banned:
+        held[:, eos] = float("-inf")
+    expected = sampling.sample(held, seeds, t, temperature)
+    assert tokens.tolist() == expected.tolist()
+    assert out_tokens[row_ids, t].tolist() == expected.tolist()
+    torch.testing.assert_close(out_logprobs[row_ids, t], expected_lp.gather(1, expected[:, None]).squeeze(1), atol=1e-5, rtol=1e-5)
+    assert done.tolist() == [tok in eos.tolist() or r == 2 for r, tok in enumerate(expected.tolist())]
+    assert (expected[0] == 2) != banned  # the ban is what kept row 0 going
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -6,8 +6,9 @@ Same interface and, for the same seeds, the same completions as ``HFEngine`` (th
   (the group's queries attend the shared prompt cache, then each row its own completion cache);
 - a static KV cache; on CUDA each decode step (the whole forward, sampling and bookkeeping) is captured in a CUDA
   graph, so a step costs one graph launch. With Triton (``kernels="triton"``, the default on CUDA when it is
-  installed) the step is nine fused launches a layer (rlreason._triton_decode) and its attention reads the step
-  number on the device, so one graph serves every step; the caches, graphs and weight copies are then freed after
+  installed) the step is seven launches a layer (rlreason._triton_decode: the norms folded into the weights, the
+  residual added by the output projections) and two for the draw, and its attention reads the step number on the
+  device, so one graph serves every step; the caches, graphs and weight copies are then freed after
   each call (``release_memory``) and generation adds nothing to the training step's peak memory. With
   ``kernels="torch"`` (any device) there is one graph per cache-width bucket of ``block`` slots;
 - sampling on the device with ``rlreason.sampling``'s per-completion seeds (temperature, top-k, top-p);
@@ -68,10 +69,17 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 class _Weights:
-    """The tensors the engine computes with: the model's own, or (``own``) fused copies in ``dtype``."""
+    """The tensors the engine computes with: the model's own, or (``own``) fused copies in ``dtype``.
 
-    def __init__(self, model: PreTrainedModel, dtype: torch.dtype, own: bool):
-        self.model, self.dtype, self.own = model, dtype, own
+    ``fold_norms`` (with ``own``) multiplies each layer's RMSNorm weights into the projection that reads the norm's
+    output, in float32 before rounding to ``dtype``: RMSNorm(x) @ W.T = (x / rms(x)) @ (W * norm_weight).T, so the
+    Triton step applies only a scale per row (``ln1``/``ln2`` are then None).
+    """
+
+    def __init__(self, model: PreTrainedModel, dtype: torch.dtype, own: bool, fold_norms: bool = False):
+        if fold_norms and not own:
+            raise ValueError("fold_norms needs the engine's own weight copies (own=True)")
+        self.model, self.dtype, self.own, self.fold_norms = model, dtype, own, fold_norms
         self.layers: list[dict] | None = None
         self.refresh()
 
@@ -125,6 +133,7 @@ class _Weights:
                 for layer in src["layers"]
             ]
             return
+        fold_norms = self.fold_norms
         if self.layers is None:  # first call (or after drop): allocate the fused buffers
             def alloc(*tensors: torch.Tensor | None) -> torch.Tensor | None:
                 if any(t is None for t in tensors):
@@ -140,8 +149,8 @@ class _Weights:
                 q, k, v = s["q"], s["k"], s["v"]
                 self.layers.append(
                     {
-                        "ln1": alloc(s["ln1"]),
-                        "ln2": alloc(s["ln2"]),
+                        "ln1": None if fold_norms else alloc(s["ln1"]),
+                        "ln2": None if fold_norms else alloc(s["ln2"]),
                         "qkv": (alloc(q[0], k[0], v[0]), alloc(q[1], k[1], v[1])),
                         "o": (alloc(s["o"][0]), alloc(s["o"][1])),
                         "q_norm": alloc(s["q_norm"]) if s["q_norm"] is not None else None,
@@ -152,12 +161,12 @@ class _Weights:
                 )
             self._tied = tied
 
-        def fill(dst: torch.Tensor | None, *parts: torch.Tensor | None) -> None:
+        def fill(dst: torch.Tensor | None, *parts: torch.Tensor | None, norm: torch.Tensor | None = None) -> None:
             if dst is None:
                 return
             row = 0
             for p in parts:
-                dst[row : row + p.shape[0]].copy_(p)
+                dst[row : row + p.shape[0]].copy_(p if norm is None else p.float() * norm.float())
                 row += p.shape[0]
 
         fill(self.embed, src["embed"])
@@ -168,13 +177,13 @@ class _Weights:
         for d, s in zip(self.layers, src["layers"], strict=True):
             fill(d["ln1"], s["ln1"])
             fill(d["ln2"], s["ln2"])
-            fill(d["qkv"][0], s["q"][0], s["k"][0], s["v"][0])
+            fill(d["qkv"][0], s["q"][0], s["k"][0], s["v"][0], norm=s["ln1"] if fold_norms else None)
             fill(d["qkv"][1], s["q"][1], s["k"][1], s["v"][1])
             fill(d["o"][0], s["o"][0])
             fill(d["o"][1], s["o"][1])
             fill(d["q_norm"], s["q_norm"])
             fill(d["k_norm"], s["k_norm"])
-            fill(d["gate_up"][0], s["gate"][0], s["up"][0])
+            fill(d["gate_up"][0], s["gate"][0], s["up"][0], norm=s["ln2"] if fold_norms else None)
             fill(d["gate_up"][1], s["gate"][1], s["up"][1])
             fill(d["down"][0], s["down"][0])
             fill(d["down"][1], s["down"][1])
@@ -268,7 +277,7 @@ class FastEngine:
         # between calls that is not cheap to rebuild, and the cache and weight copies are freed after each call
         self.release_memory = kernels == "triton" and self.cuda_graphs if release_memory is None else release_memory
         own = cuda if own_weights is None else own_weights
-        self.weights = _Weights(model, self.dtype, own=own or kernels == "triton")
+        self.weights = _Weights(model, self.dtype, own=own or kernels == "triton", fold_norms=kernels == "triton")
         self.weight_bytes = self.weights.nbytes()
         self.num_layers = len(self.weights.layers)
         self._ws: _Workspace | None = None
@@ -296,14 +305,14 @@ class FastEngine:
             return torch.bmm(a, b, out_dtype=torch.float32)
         return torch.bmm(a, b).float()
 
-    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The Llama RMSNorm: normalise in float32, back to the input dtype, times the weight (on CUDA torch's fused
-        kernel, which rounds once instead of twice)."""
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """The Llama RMSNorm: normalise in float32, back to the input dtype, times the weight (None: folded into the
+        next projection); on CUDA torch's fused kernel, which rounds once instead of twice."""
         if self.fused_norm:
             return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
         normed = x.float()
-        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * normed.to(x.dtype)
+        normed = (normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return normed if weight is None else weight * normed
 
     def _project(self, h: torch.Tensor, layer: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if "qkv" in layer:
@@ -474,7 +483,9 @@ class FastEngine:
         self._record(ws, R, logits, sampling)
 
     def _step_triton(self, ws: _Workspace, rows_phase: bool, R: int, Pp: int, G: int, sampling: SamplingParams) -> None:
-        """The same step with the fused kernels of rlreason._triton_decode (nine launches a layer)."""
+        """The same step with the kernels of rlreason._triton_decode: seven launches a layer. The norms are folded
+        into the weights (their 1/rms scale applied by the kernels after each projection), and the output
+        projections add into the residual stream ``x`` themselves."""
         K, W, eps = self._triton, self.weights, self.eps
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         if rows_phase:
@@ -482,17 +493,30 @@ class FastEngine:
             kp, vp, kc, vc, bias = rc["kp"], rc["vp"], rc["kc"], rc["vc"], rc["bias"]
         else:
             kp, vp, kc, vc, bias = ws.kp, ws.vp, ws.kc, ws.vc, ws.bias_p
-        x = F.embedding(ws.tokens[:R], W.embed)  # the residual stream, updated in place by add_rms_norm
-        delta = None
+        x = F.embedding(ws.tokens[:R], W.embed)
         for i, layer in enumerate(W.layers):
-            h = K.add_rms_norm(x, delta, layer["ln1"], eps)
-            qkv = F.linear(h, *layer["qkv"])
-            q = K.rope_and_cache(qkv, ws.cos, ws.sin, ws.pos0, ws.t, kc[i, :Pp], vc[i, :Pp], layer["q_norm"], layer["k_norm"], eps, H, Hkv, D, G)
+            qkv_w, qkv_b = layer["qkv"]
+            q = K.rope_and_cache(F.linear(x, qkv_w), x, qkv_b, ws.cos, ws.sin, ws.pos0, ws.t, kc[i, :Pp], vc[i, :Pp],
+                                 layer["q_norm"], layer["k_norm"], eps, H, Hkv, D, G)
             attn = K.decode_attention(q, kp[i, :Pp], vp[i, :Pp], bias[:Pp], kc[i, :Pp], vc[i, :Pp], ws.t, G)
-            h = K.add_rms_norm(x, F.linear(attn, *layer["o"]), layer["ln2"], eps)
-            delta = F.linear(K.silu_mul(F.linear(h, *layer["gate_up"])), *layer["down"])
-        logits = F.linear(K.add_rms_norm(x, delta, W.norm, eps), *W.lm_head).float()
-        self._record(ws, R, logits, sampling)
+            self._add_projection(x, attn, layer["o"])
+            gate_up_w, gate_up_b = layer["gate_up"]
+            self._add_projection(x, K.silu_mul(F.linear(x, gate_up_w), x, gate_up_b, eps), layer["down"])
+        logits = F.linear(K.rms_norm(x, W.norm, eps), *W.lm_head)
+        if sampling.greedy or sampling.top_k or sampling.top_p < 1.0:
+            self._record(ws, R, logits.float(), sampling)
+            return
+        K.sample_and_record(logits, sampling.temperature, sampling.min_new_tokens, self.eos_tensor, ws.seeds[:R], ws.t,
+                            ws.row_ids[:R], ws.out_tokens, ws.out_logprobs, ws.tokens[:R], ws.done[:R])
+        ws.t.add_(1)
+
+    @staticmethod
+    def _add_projection(x: torch.Tensor, h: torch.Tensor, projection: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        """x += h @ weight.T (+ bias), the addition done by the matrix multiply itself."""
+        weight, bias = projection
+        x.addmm_(h, weight.t())
+        if bias is not None:
+            x.add_(bias)
 
     def _record(self, ws: _Workspace, R: int, logits: torch.Tensor, sampling: SamplingParams) -> None:
         """Sample from the step's logits and write the token, its log-prob and the row's state."""

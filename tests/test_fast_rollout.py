@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import build_char_tokenizer, tiny_config
 
-from rlreason.fast_rollout import FastEngine, unsupported_reason
+from rlreason.fast_rollout import FastEngine, _Weights, unsupported_reason
 from rlreason.logprobs import completion_logprobs
 from rlreason.models import load_model, load_tokenizer
 from rlreason.rollout import HFEngine, SamplingParams
@@ -33,8 +33,10 @@ def _model(directory, arch, seed=0):
         config = tiny_config(arch, len(tokenizer), tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger weights than the init: peaked distributions, some EOS, and no near-ties
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             p.mul_(6.0 if p.dim() > 1 else 1.0)
+            if name.endswith("norm.weight"):  # not all ones: folding them into the projections must matter
+                p.mul_(torch.rand_like(p) + 0.5)
     model.save_pretrained(directory)
     return load_model(str(directory)), load_tokenizer(str(directory))
 
@@ -64,12 +66,17 @@ def _same(a, b):
 
 
 def test_greedy_equals_reference(model_and_tokenizer):
-    """Also with the engine's own fused copies of q/k/v and gate/up (its CUDA layout)."""
+    """Also with the engine's own fused copies of q/k/v and gate/up (its CUDA layout), and with the norms folded
+    into them (the layout of its Triton step, which the prefill shares)."""
     model, tokenizer = model_and_tokenizer
     params = SamplingParams(max_new_tokens=16, greedy=True)
     reference = HFEngine(model, tokenizer).generate(_prompts(tokenizer), 2, params)
     for own_weights in (False, True):
         _same(FastEngine(model, tokenizer, own_weights=own_weights).generate(_prompts(tokenizer), 2, params), reference)
+    folded = FastEngine(model, tokenizer)
+    folded.weights = _Weights(model, folded.dtype, own=True, fold_norms=True)
+    assert all(layer["ln1"] is None and layer["ln2"] is None for layer in folded.weights.layers)
+    _same(folded.generate(_prompts(tokenizer), 2, params), reference)
 
 
 @pytest.mark.parametrize("filters", [{}, {"top_k": 5, "top_p": 0.9, "temperature": 0.7}])
