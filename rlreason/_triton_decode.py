@@ -72,16 +72,15 @@ def _rope_and_cache_kernel(
     if HAS_BIAS:
         x += tl.load(BIAS + head * D + d).to(tl.float32)
         x_partner += tl.load(BIAS + head * D + partner).to(tl.float32)
-    x = x.to(QKV.dtype.element_ty)  # rounded where the unfused projection's output is
-    x_partner = x_partner.to(QKV.dtype.element_ty)
+    # rounded where the unfused projection's output is
+    x = x.to(QKV.dtype.element_ty).to(tl.float32)
+    x_partner = x_partner.to(QKV.dtype.element_ty).to(tl.float32)
     p = r // G
     g = r % G
     slot = p * s_kc_p + g * s_kc_g + (t - 1) * s_kc_s
     if head >= H + HKV:
-        tl.store(VC + slot + (head - H - HKV) * s_kc_h + d, x)
+        tl.store(VC + slot + (head - H - HKV) * s_kc_h + d, x.to(VC.dtype.element_ty))
     else:
-        x = x.to(tl.float32)
-        x_partner = x_partner.to(tl.float32)
         if QK_NORM:
             head_inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
             if head < H:
