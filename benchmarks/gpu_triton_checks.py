@@ -155,3 +155,24 @@ def test_triton_compaction_keeps_every_row(tmp_path):
     lengths = plain.completion_mask.sum(dim=1)
     assert lengths.min() < lengths.max()
     torch.testing.assert_close(compacted.logprobs, plain.logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU code (train.compile)")
+def test_compiled_head_math_with_inductor():
+    """train.compile's head math as inductor generates it for the GPU, against the eager functions (the CPU suite
+    checks the compiled graphs without code generation)."""
+    from rlreason import logprobs
+
+    torch.manual_seed(0)
+    compiled = logprobs.compiled_head_math()
+    for rows in (341, 77):  # two lengths: one dynamic-shape graph
+        logits = torch.randn(rows, 49152, device="cuda", dtype=torch.bfloat16) * 4
+        targets = torch.randint(0, 49152, (rows,), device="cuda")
+        grad_token, grad_entropy = torch.randn(rows, device="cuda"), torch.randn(rows, device="cuda")
+        expected, got = logprobs.EAGER_HEAD.stats(logits, targets, 0.7), compiled.stats(logits, targets, 0.7)
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        for g_ent in (None, grad_entropy):
+            a = compiled.logit_grad(logits, targets, expected[1], grad_token, g_ent, 0.7)
+            b = logprobs.EAGER_HEAD.logit_grad(logits, targets, expected[1], grad_token, g_ent, 0.7)
+            torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-2)

@@ -166,7 +166,11 @@ class _Weights:
                 return
             row = 0
             for p in parts:
-                dst[row : row + p.shape[0]].copy_(p if norm is None else p.float() * norm.float())
+                rows = dst[row : row + p.shape[0]]
+                if norm is None:
+                    rows.copy_(p)
+                else:  # computed in float32, rounded once into the copy: no temporaries
+                    torch.mul(p, norm, out=rows)
                 row += p.shape[0]
 
         fill(self.embed, src["embed"])

@@ -41,7 +41,14 @@ from rlreason.config import Config, ConfigError, save_config
 from rlreason.data import PromptStream, encode_prompts, task_dataset
 from rlreason.evaluate import evaluate_config
 from rlreason.fast_rollout import build_engine
-from rlreason.logprobs import LogprobInputs, logprob_inputs, logprobs_from_inputs, pad_left_to
+from rlreason.logprobs import (
+    EAGER_HEAD,
+    LogprobInputs,
+    compiled_head_math,
+    logprob_inputs,
+    logprobs_from_inputs,
+    pad_left_to,
+)
 from rlreason.losses import high_entropy_mask, kl_divergence, masked_mean, policy_loss, token_weights
 from rlreason.models import compile_decoder, load_model, load_tokenizer
 from rlreason.reasoning import Milestones, length_stats, reasoning_stats, task_accuracy, token_counter
@@ -124,8 +131,10 @@ class Trainer:
         model = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision)
         if tr.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        self.head_math = EAGER_HEAD
         if tr.compile:
             compile_decoder(model, mode="reduce-overhead" if tr.cuda_graphs else None)
+            self.head_math = compiled_head_math()
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=tr.learning_rate, betas=tuple(tr.adam_betas), weight_decay=tr.weight_decay
         )
@@ -399,7 +408,9 @@ class Trainer:
                 if tr.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # nothing of the last micro-batch's replay is needed
                 with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
-                    logprobs, entropy = logprobs_from_inputs(self.model, batch, temperature=temperature, entropy_grad=tr.entropy_coef != 0)
+                    logprobs, entropy = logprobs_from_inputs(
+                        self.model, batch, temperature=temperature, entropy_grad=tr.entropy_coef != 0, head_math=self.head_math
+                    )
                     mask = batch.completion_mask.to(logprobs.dtype)
                     # one pass over a batch sampled from this very policy: the ratio is exactly 1, nothing clips
                     old_lp = old[mb, :width] if old is not None else logprobs.detach()
@@ -503,7 +514,7 @@ class Trainer:
         entropy = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=device)
         for mb, batch in zip(self._micro_batches(len(rollout.texts)), inputs, strict=True):
             with self.accelerator.autocast():  # the reference is not prepared: give it the policy's precision
-                logprobs, ent = logprobs_from_inputs(model, batch, temperature=self.config.rollout.temperature)
+                logprobs, ent = logprobs_from_inputs(model, batch, temperature=self.config.rollout.temperature, head_math=self.head_math)
             out[mb, : logprobs.shape[1]] = logprobs.float()
             entropy[mb, : ent.shape[1]] = ent.float()
         return out.cpu(), entropy.cpu()

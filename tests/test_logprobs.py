@@ -182,10 +182,15 @@ def test_shared_prompt_refuses_what_it_cannot_do(tmp_path):
         completion_logprobs(model, *batch, shared_prompt=True)
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_closed_form_head_gradient_matches_autograd(autocast):
+@pytest.mark.parametrize("autocast,compiled", [(False, False), (True, False), (False, True)])
+def test_closed_form_head_gradient_matches_autograd(autocast, compiled, monkeypatch):
     """The head's hand-written backward (bias included) against autograd through log_softmax, gather and the
-    entropy, in float32 and under CPU bf16 autocast (where both multiply in bf16: the tolerance is bf16's)."""
+    entropy, in float32 and under CPU bf16 autocast (where both multiply in bf16: the tolerance is bf16's); and
+    its math compiled (train.compile), over chunks of two lengths (16, 16, 8 tokens: one dynamic-shape graph).
+    The CPU compiles with "aot_eager" (dynamo capture and AOT autograd, no code generation)."""
+    head_math = lp_module.compiled_head_math(backend="aot_eager") if compiled else None
+    if compiled:
+        monkeypatch.setattr(lp_module, "CHUNK_BYTES", 4 * 50 * 16)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(40, 16, generator=g, requires_grad=True)
     weight = torch.randn(50, 16, generator=g, requires_grad=True)
@@ -205,7 +210,7 @@ def test_closed_form_head_gradient_matches_autograd(autocast):
         logprobs = torch.log_softmax(torch.nn.functional.linear(hidden, weight, bias).float() / 0.7, dim=-1)
         return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logprobs.exp() * logprobs).sum(-1)
 
-    ours = grads(lambda: lp_module._head_logprobs(hidden, weight, bias, targets, 0.7, entropy_grad=True))
+    ours = grads(lambda: lp_module._head_logprobs(hidden, weight, bias, targets, 0.7, entropy_grad=True, head_math=head_math))
     theirs = grads(reference)
     tol = 2e-2 if autocast else 1e-5
     for a, b in zip([*ours[:2], *ours[2]], [*theirs[:2], *theirs[2]], strict=True):
@@ -240,3 +245,22 @@ def test_shared_prompt_under_bf16_autocast(tmp_path):
         shared, _ = completion_logprobs(model, *batch, shared_prompt=True)
         padded, _ = completion_logprobs(model, *batch)
     assert (shared[mask] - padded[mask]).abs().max() < 5e-2
+
+
+def test_compiled_head_without_entropy_gradient(monkeypatch):
+    """The default training path (no entropy bonus: the entropy takes no gradient) with the head's math compiled,
+    over chunks of two lengths, against autograd."""
+    monkeypatch.setattr(lp_module, "CHUNK_BYTES", 4 * 50 * 16)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(40, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets, w_tok = torch.randint(0, 50, (40,), generator=g), torch.randn(40, generator=g)
+    head_math = lp_module.compiled_head_math(backend="aot_eager")
+    lp, _ = lp_module._head_logprobs(hidden, weight, None, targets, 1.0, entropy_grad=False, head_math=head_math)
+    (lp * w_tok).sum().backward()
+    ours = [lp.detach(), hidden.grad.clone(), weight.grad.clone()]
+    hidden.grad = weight.grad = None
+    expected = torch.log_softmax(hidden @ weight.t(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (expected * w_tok).sum().backward()
+    for a, b in zip(ours, [expected.detach(), hidden.grad, weight.grad], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

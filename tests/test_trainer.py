@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from rlreason.cli import main
 from rlreason.config import load_config
+from rlreason.logprobs import compiled_head_math
 from rlreason.runlog import read_jsonl
 from rlreason.trainer import Trainer, latest_checkpoint
 
@@ -135,11 +136,12 @@ def test_reference_model_only_when_beta_positive(tiny_llama, tmp_path):
 def test_cuda_graph_layout_trains_like_the_plain_one(tmp_path, monkeypatch):
     """train.cuda_graphs changes the row layout (prompts padded on the left to 64-token widths) and where the
     gradients accumulate (tensors kept from step to step, zeroed after each update); with the compiler left out on
-    the CPU, each step's gradient must be the plain layout's. The graphs themselves need a GPU
-    (benchmarks/throughput.py --cuda-graphs). Updates are left out so that both runs see the same batches."""
+    the CPU, each step's gradient must be the plain layout's (the head's math compiled without code generation). The
+    graphs themselves need a GPU (benchmarks/throughput.py --cuda-graphs). Updates are left out so that both runs see the same batches."""
     import rlreason.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "compile_decoder", lambda model, **kw: None)
+    monkeypatch.setattr(trainer_module, "compiled_head_math", lambda: compiled_head_math(backend="aot_eager"))
     model_dir = make_tiny_model(tmp_path / "model")
     results = {}
     for graphs in (False, True):
