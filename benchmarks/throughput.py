@@ -12,7 +12,8 @@ checkpointing. Every completion is forced to exactly --max-new-tokens tokens (en
 A step is timed whole: on the rlreason side ``Trainer.train_step`` (sample, score, advantages, optimize, logging);
 on the TRL side one optimizer step of ``GRPOTrainer.train`` (generation, scoring, forward/backward of every
 micro-batch, optimizer, logging), from one ``on_step_end`` to the next. The first --warmup steps of each side are
-not counted. Peak memory is torch's ``max_memory_allocated`` over the timed steps.
+not counted. Peak memory over the timed steps: torch's ``max_memory_allocated`` and ``max_memory_reserved`` (with
+CUDA graphs only the reserved figure counts what the graphs replay into).
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ happen in the output projections themselves (``x.addmm_``). No launch is left fo
 - ``decode_attention``: each row's queries against its group's shared prompt cache, then its own completion
   cache up to the current step (the bound is read on the device: no width buckets), online softmax in float32
 - ``silu_mul``: the 1/rms(x) scale (and bias), silu(gate) * up
-- ``sample_and_record``: two launches for what took ~20: the draw of ``rlreason.sampling.sample`` (temperature,
-  the per-completion uniform, the two-level inverse CDF, the EOS ban of ``min_new_tokens``), the token's
-  log-probability, and the step's bookkeeping (output token and log-prob, next input, finished rows)
+- ``sample_and_record``: in two launches, the draw of ``rlreason.sampling.sample`` (temperature, the
+  per-completion uniform, the two-level inverse CDF over its blocks, the EOS ban of ``min_new_tokens``), the
+  token's log-probability, and the step's bookkeeping (output token and log-prob, next input, finished rows):
+  16 us a step against 209 us by PyTorch ops on an H200 (benchmarks/decode_kernels.py)
 - ``rms_norm``: the final norm before the head
 
 Each is checked against plain PyTorch (benchmarks/gpu_triton_checks.py, which also runs on a CPU under Triton's
@@ -25,6 +26,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from rlreason.sampling import DRAW_BLOCK
 
 
 @triton.jit
@@ -41,7 +44,7 @@ def _rms_norm_kernel(X, W, OUT, N, eps, BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-    normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)).to(X.dtype.element_ty)  # rounded like LlamaRMSNorm
+    normed = (x * _inv_rms(X, row, N, eps, BLOCK)).to(X.dtype.element_ty)  # rounded like LlamaRMSNorm
     w = tl.load(W + cols, mask=mask, other=0.0)
     tl.store(OUT + row * N + cols, w * normed, mask=mask)
 
@@ -230,11 +233,6 @@ def silu_mul(gate_up: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, 
     return out
 
 
-SAMPLE_BLOCK = 1024
-"""Vocabulary columns per program of ``sample_and_record``'s first kernel: rlreason.sampling.DRAW_BLOCK, so that
-the blocks of its two-level draw are the blocks of ``sampling.draw``."""
-
-
 @triton.jit
 def _banned(cols, t, min_new, EOS, n_eos):
     """Which of ``cols`` are end-of-sequence tokens while ``min_new_tokens`` holds them back."""
@@ -327,14 +325,14 @@ def sample_and_record(logits, temperature: float, min_new_tokens: int, eos, seed
     device), EOS banned while t < ``min_new_tokens``; its log-probability is at the temperature before the ban. Writes
     ``out_tokens`` and ``out_logprobs`` [*, W] at (row_ids[r], t), ``tokens[r]``, and ``done[r] |= token is EOS``."""
     R, V = logits.shape
-    blocks = triton.cdiv(V, SAMPLE_BLOCK)
+    blocks = triton.cdiv(V, DRAW_BLOCK)
     stats = torch.empty(R, 4, blocks, dtype=torch.float64, device=logits.device)
     _sample_blocks_kernel[(R, blocks)](
         logits, logits.stride(0), t, eos, eos.numel(), min_new_tokens, temperature, V, stats, blocks,
-        BLOCK=SAMPLE_BLOCK, num_warps=4,
+        BLOCK=DRAW_BLOCK, num_warps=4,
     )
     _sample_pick_kernel[(R,)](
         logits, logits.stride(0), stats, blocks, seeds, t, eos, eos.numel(), min_new_tokens, temperature, V,
         row_ids, out_tokens, out_logprobs, out_tokens.stride(0), tokens, done,
-        BLOCK=SAMPLE_BLOCK, NB_PAD=triton.next_power_of_2(blocks), num_warps=4,
+        BLOCK=DRAW_BLOCK, NB_PAD=triton.next_power_of_2(blocks), num_warps=4,
     )

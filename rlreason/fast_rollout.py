@@ -483,8 +483,7 @@ class FastEngine:
             o = o + torch.bmm(p[..., Wp:].reshape(Pp * Hkv * G, rep, B), vc_i[..., :B, :].reshape(Pp * Hkv * G, B, D)).view(Pp, Hkv, G, rep, D)
             x = x + F.linear(o.transpose(1, 2).reshape(R, H * D), *layer["o"])
             x = x + self._mlp(self._rms(x, layer["ln2"]), layer)
-        logits = F.linear(self._rms(x, self.weights.norm), *self.weights.lm_head).float()
-        self._record(ws, R, logits, sampling)
+        self._record(ws, R, F.linear(self._rms(x, self.weights.norm), *self.weights.lm_head), sampling)
 
     def _step_triton(self, ws: _Workspace, rows_phase: bool, R: int, Pp: int, G: int, sampling: SamplingParams) -> None:
         """The same step with the kernels of rlreason._triton_decode: seven launches a layer. The norms are folded
@@ -506,13 +505,7 @@ class FastEngine:
             self._add_projection(x, attn, layer["o"])
             gate_up_w, gate_up_b = layer["gate_up"]
             self._add_projection(x, K.silu_mul(F.linear(x, gate_up_w), x, gate_up_b, eps), layer["down"])
-        logits = F.linear(K.rms_norm(x, W.norm, eps), *W.lm_head)
-        if sampling.greedy or sampling.top_k or sampling.top_p < 1.0:
-            self._record(ws, R, logits.float(), sampling)
-            return
-        K.sample_and_record(logits, sampling.temperature, sampling.min_new_tokens, self.eos_tensor, ws.seeds[:R], ws.t,
-                            ws.row_ids[:R], ws.out_tokens, ws.out_logprobs, ws.tokens[:R], ws.done[:R])
-        ws.t.add_(1)
+        self._record(ws, R, F.linear(K.rms_norm(x, W.norm, eps), *W.lm_head), sampling)
 
     @staticmethod
     def _add_projection(x: torch.Tensor, h: torch.Tensor, projection: tuple[torch.Tensor, torch.Tensor | None]) -> None:
@@ -523,9 +516,17 @@ class FastEngine:
             x.add_(bias)
 
     def _record(self, ws: _Workspace, R: int, logits: torch.Tensor, sampling: SamplingParams) -> None:
-        """Sample from the step's logits and write the token, its log-prob and the row's state."""
+        """Sample from the step's logits (any float dtype) and write the token, its log-prob and the row's state:
+        with Triton and plain temperature sampling in two fused launches, otherwise by PyTorch ops."""
         t = ws.t
-        tokens, logprobs = self._sample(logits, ws.seeds[:R], t, sampling)
+        if self.kernels == "triton" and not sampling.greedy and not sampling.top_k and sampling.top_p == 1.0:
+            self._triton.sample_and_record(
+                logits, sampling.temperature, sampling.min_new_tokens, self.eos_tensor, ws.seeds[:R], t, ws.row_ids[:R],
+                ws.out_tokens, ws.out_logprobs, ws.tokens[:R], ws.done[:R],
+            )
+            t.add_(1)
+            return
+        tokens, logprobs = self._sample(logits.float(), ws.seeds[:R], t, sampling)
         rows = ws.row_ids[:R]
         column = t.expand(R)
         ws.out_tokens.index_put_((rows, column), tokens)

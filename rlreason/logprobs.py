@@ -155,11 +155,60 @@ def completion_logprobs(
     return logprobs_from_inputs(model, inputs, temperature, entropy_grad)
 
 
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float()
+    return torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
+
+def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and the entropy of each row of a chunk's logits, at ``temperature``, in float32."""
+    logp = _log_softmax(logits, temperature)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def _chunk_logit_grad(
+    logits: torch.Tensor, targets: torch.Tensor, entropy: torch.Tensor, grad_token: torch.Tensor, grad_entropy: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """The loss's gradient with respect to a chunk's logits (in their dtype), given the gradients of ``_chunk_stats``'s
+    two outputs (the entropy's: None when it takes none); in place where it can, so eagerly a chunk holds two
+    float32 copies at most."""
+    logp = _log_softmax(logits, temperature)
+    if grad_entropy is None:
+        grad = logp.exp_().mul_(-grad_token.unsqueeze(-1))
+    else:
+        probs = logp.exp()
+        grad = probs * logp.add_(entropy.unsqueeze(-1)).mul_(-grad_entropy.unsqueeze(-1)) - probs * grad_token.unsqueeze(-1)
+    grad.scatter_add_(-1, targets.unsqueeze(-1), grad_token.unsqueeze(-1))
+    if temperature != 1.0:
+        grad /= temperature
+    return grad.to(logits.dtype)
+
+
+class HeadMath(NamedTuple):
+    """The head's math past its matrix product (``_chunk_stats``, ``_chunk_logit_grad``), eager or compiled."""
+
+    stats: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    logit_grad: Callable[..., torch.Tensor]
+
+
+EAGER_HEAD = HeadMath(_chunk_stats, _chunk_logit_grad)
+
+
+def compiled_head_math(backend: str = "inductor") -> HeadMath:
+    """The head's math compiled, each function into a few fused kernels: eagerly a 64 MiB chunk of float32 logits
+    is written and read by about ten separate kernels (the float copy, log_softmax, exp, products, sums), which
+    took ~13% of the 360M training pass's GPU time in a profile on an H200. Dynamic shapes: the last chunk of a batch has any length."""
+    return HeadMath(
+        torch.compile(_chunk_stats, backend=backend, dynamic=True), torch.compile(_chunk_logit_grad, backend=backend, dynamic=True)
+    )
+
+
 def logprobs_from_inputs(
-    model: PreTrainedModel, inputs: LogprobInputs, temperature: float = 1.0, entropy_grad: bool = False, head_math: HeadMath | None = None
+    model: PreTrainedModel, inputs: LogprobInputs, temperature: float = 1.0, entropy_grad: bool = False, head_math: HeadMath = EAGER_HEAD
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``completion_logprobs`` of inputs from ``logprob_inputs``, already on the model's device; ``head_math``:
-    ``compiled_head_math()`` under train.compile (default: eager)."""
+    ``compiled_head_math()`` under train.compile."""
     inner = getattr(model, "module", model)  # DDP / accelerate wrappers; the call itself goes through ``model``
     base = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
@@ -217,7 +266,7 @@ def _final_hidden(model, base, **inputs) -> tuple[torch.Tensor, tuple[bool, torc
 
 def _head_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, temperature: float, entropy_grad: bool,
-    head_math: HeadMath | None = None,
+    head_math: HeadMath = EAGER_HEAD,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[T] log-probabilities of ``targets`` and entropies from [T, H] hidden states, a chunk of tokens at a time.
     The products run in the autocast dtype, cast once for all chunks (as autocast's own cast cache would)."""
@@ -230,7 +279,7 @@ def _head_logprobs(
         lps, ents = [], []
         for start in range(0, hidden.shape[0], chunk):
             lp, ent = _HeadChunk.apply(
-                hidden[start : start + chunk], weight, bias, targets[start : start + chunk], temperature, entropy_grad, head_math or EAGER_HEAD
+                hidden[start : start + chunk], weight, bias, targets[start : start + chunk], temperature, entropy_grad, head_math
             )
             lps.append(lp)
             ents.append(ent)
@@ -266,55 +315,6 @@ class _HeadChunk(torch.autograd.Function):
         grad_weight = grad.t() @ hidden if ctx.needs_input_grad[1] else None
         grad_bias = grad.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
-
-
-def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = logits.float()
-    return torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-
-
-def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) and the entropy of each row of a chunk's logits, at ``temperature``, in float32."""
-    logp = _log_softmax(logits, temperature)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
-
-
-def _chunk_logit_grad(
-    logits: torch.Tensor, targets: torch.Tensor, entropy: torch.Tensor, grad_token: torch.Tensor, grad_entropy: torch.Tensor | None,
-    temperature: float,
-) -> torch.Tensor:
-    """The loss's gradient with respect to a chunk's logits (in their dtype), given the gradients of ``_chunk_stats``'s
-    two outputs (the entropy's: None when it takes none); in place where it can, so eagerly a chunk holds two
-    float32 copies at most."""
-    logp = _log_softmax(logits, temperature)
-    if grad_entropy is None:
-        grad = logp.exp_().mul_(-grad_token.unsqueeze(-1))
-    else:
-        probs = logp.exp()
-        grad = probs * logp.add_(entropy.unsqueeze(-1)).mul_(-grad_entropy.unsqueeze(-1)) - probs * grad_token.unsqueeze(-1)
-    grad.scatter_add_(-1, targets.unsqueeze(-1), grad_token.unsqueeze(-1))
-    if temperature != 1.0:
-        grad /= temperature
-    return grad.to(logits.dtype)
-
-
-class HeadMath(NamedTuple):
-    """The head's math past its matrix product (``_chunk_stats``, ``_chunk_logit_grad``), eager or compiled."""
-
-    stats: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    logit_grad: Callable[..., torch.Tensor]
-
-
-EAGER_HEAD = HeadMath(_chunk_stats, _chunk_logit_grad)
-
-
-def compiled_head_math(backend: str = "inductor") -> HeadMath:
-    """The head's math compiled, each function into a few fused kernels: eagerly a 64 MiB chunk of float32 logits
-    is written and read by about ten separate kernels (the float copy, log_softmax, exp, products, sums), which
-    took ~13% of the 360M training pass's GPU time in a profile on an H200. Dynamic shapes: the last chunk of a batch has any length."""
-    return HeadMath(
-        torch.compile(_chunk_stats, backend=backend, dynamic=True), torch.compile(_chunk_logit_grad, backend=backend, dynamic=True)
-    )
 
 
 def _pack(prompt_ids, prompt_mask, completion_ids, completion_mask):

@@ -188,7 +188,7 @@ def test_closed_form_head_gradient_matches_autograd(autocast, compiled, monkeypa
     entropy, in float32 and under CPU bf16 autocast (where both multiply in bf16: the tolerance is bf16's); and
     its math compiled (train.compile), over chunks of two lengths (16, 16, 8 tokens: one dynamic-shape graph).
     The CPU compiles with "aot_eager" (dynamo capture and AOT autograd, no code generation)."""
-    head_math = lp_module.compiled_head_math(backend="aot_eager") if compiled else None
+    head_math = lp_module.compiled_head_math(backend="aot_eager") if compiled else lp_module.EAGER_HEAD
     if compiled:
         monkeypatch.setattr(lp_module, "CHUNK_BYTES", 4 * 50 * 16)
     g = torch.Generator().manual_seed(0)
