@@ -6,7 +6,9 @@ Prints (and the throughput benchmark reuses the idea of) the device-to-device co
 rate, then checks, on random-init models built from configs:
   - float32: FastEngine (CUDA graphs, compaction) draws exactly HFEngine's tokens for the same seeds, greedy and
     sampled, and its recorded log-probs match a fresh ``completion_logprobs`` pass;
-  - bf16 (SmolLM2-360M shape): how far the recorded log-probs are from a fresh autocast pass (reported).
+  - bf16 (SmolLM2-360M shape): how far the recorded log-probs are from a fresh autocast pass (reported);
+  - bf16, the decoder compiled by inductor (train.compile): left-padded rows give finite gradients, those of the eager
+    model (a padding query with no key gave NaN there before it was made to attend itself).
 """
 
 from __future__ import annotations
@@ -104,6 +106,30 @@ def check_engine(tokenizer, directory: Path) -> None:
               f"(mean logprob {fresh.float().cpu()[m].mean():.2f})", flush=True)
 
 
+def check_compiled_padding(tokenizer, directory: Path) -> None:
+    from rlreason.logprobs import completion_logprobs
+    from rlreason.models import compile_decoder, load_model
+
+    workload.build_model("tiny", directory / "tiny-bf16", tokenizer, torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    prompt_ids, completion_ids = torch.randint(5, 1000, (4, 24), generator=g), torch.randint(5, 1000, (4, 40), generator=g)
+    prompt_mask, completion_mask = torch.ones_like(prompt_ids), torch.ones_like(completion_ids)
+    prompt_mask[0, :9], prompt_mask[1, :17], completion_mask[2, 25:] = 0, 0, 0
+    batch = [t.cuda() for t in (prompt_ids, prompt_mask, completion_ids, completion_mask)]
+    grads = {}
+    for compiled in (False, True):
+        model = load_model(str(directory / "tiny-bf16"), dtype="bfloat16").cuda()
+        if compiled:
+            compile_decoder(model)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logprobs, _ = completion_logprobs(model, *batch)
+        (logprobs * torch.linspace(-1, 1, 4, device="cuda").unsqueeze(1)).sum().backward()
+        grads[compiled] = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+    eager, compiled = grads[False], grads[True]
+    print(f"  bf16 compiled decoder, left-padded rows: gradients finite {bool(torch.isfinite(compiled).all())}; "
+          f"|compiled - eager| / |eager| {float((compiled - eager).norm() / eager.norm()):.2e}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", default=None)
@@ -120,6 +146,7 @@ def main() -> None:
         tokenizer = load_tokenizer("default")
     with tempfile.TemporaryDirectory() as tmp:
         check_engine(tokenizer, Path(tmp))
+        check_compiled_padding(tokenizer, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -80,6 +81,13 @@ def train_flops(model_dir: Path, prompt_lengths: list[int], completion_length: i
     return 6 * body * sum(lengths) + 6 * head * completion_length * len(lengths) + attention
 
 
+def require_updates(side: str, bad: int, steps: int) -> None:
+    """Refuse to time steps whose update was skipped or non-finite: such a step leaves out work (the optimizer)
+    and is no training step."""
+    if bad:
+        raise RuntimeError(f"{side}: {bad} of {steps} steps had a non-finite gradient norm; their times would not be a training step's")
+
+
 # ------------------------------------------------------------------------------------------------ rlreason
 
 
@@ -131,7 +139,7 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
     )
     trainer = Trainer(config)
     trainer.sampling.min_new_tokens = L  # every completion exactly L tokens, as on the TRL side
-    times, parts = [], []
+    times, parts, skipped = [], [], 0
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             sync()
@@ -140,9 +148,11 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
         start = time.perf_counter()
         metrics = trainer.train_step()
         sync()
+        skipped += int(metrics["skipped_updates"])
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
             parts.append(metrics)
+    require_updates("rlreason", skipped, args.warmup + args.steps)
     tokens = [m["completion_length"] * P * G for m in parts]
     result = {
         "side": f"rlreason ({args.engine})",
@@ -277,6 +287,8 @@ def run_trl(args: argparse.Namespace, model_dir: Path, rows: list[dict[str, Any]
     ends = [start, *clock.ends]
     times = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)][args.warmup :]
     completion_lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    require_updates("TRL", sum(not math.isfinite(n) for n in norms), len(norms))
     result = {
         "side": "TRL " + __import__("trl").__version__,
         "step_s": statistics.median(times),

@@ -68,6 +68,7 @@ class LogprobInputs:
     completion_mask: torch.Tensor  # [N, Lc] the micro-batch's completion tokens (N rows before packing)
     packed: bool  # rows are not the micro-batch's rows (packed or shared prompts)
     shared: SharedLayout | None = None
+    left_padded: bool = False  # some prompt is padded on the left (read from the CPU mask: no device sync later)
 
     @property
     def completion_width(self) -> int:
@@ -114,7 +115,9 @@ def logprob_inputs(
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     cols = out_cols + prompt_ids.shape[1] - 1  # the position before a completion token predicts it
-    return LogprobInputs(ids, positions, mask, out_rows, cols, targets, out_rows, out_cols, completion_mask, False)
+    return LogprobInputs(
+        ids, positions, mask, out_rows, cols, targets, out_rows, out_cols, completion_mask, False, left_padded=not bool(prompt_mask.all())
+    )
 
 
 def pad_left_to(
@@ -217,8 +220,8 @@ def logprobs_from_inputs(
             raise ValueError(f"train.packing / train.shared_prompt: not supported for {type(inner).__name__}")
         return _full_logits_path(model, inputs, temperature, entropy_grad)
 
-    mask, extra = inputs.attention_mask, {}
     implementation = getattr(inner.config, "_attn_implementation", "sdpa")
+    mask, extra = _model_mask(inputs, implementation), {}
     if inputs.shared is not None:
         if implementation == "eager":  # a tree-shaped mask over the whole row, added to the scores
             tree = _tree_mask(inputs.shared.segment)
@@ -233,6 +236,27 @@ def logprobs_from_inputs(
     with torch.autocast(hidden.device.type, dtype=autocast[1], enabled=autocast[0]):
         lp, ent = _head_logprobs(hidden[inputs.hidden_rows, inputs.hidden_cols], head.weight, head.bias, inputs.targets, temperature, entropy_grad, head_math)
     return _scatter(lp, inputs), _scatter(ent, inputs)
+
+
+def padded_causal_mask(mask: torch.Tensor, additive: bool = False) -> torch.Tensor:
+    """[N, 1, L, L] attention mask of rows whose 2-d ``mask`` [N, L] pads them: causal over real keys, and each
+    padding query attends itself. Without that, a left-padding query has no key at all; some kernels (SDPA compiled
+    by inductor on CUDA, seen on an H200) then give NaN there, and its gradient reaches every weight (0 * NaN), though
+    the loss never reads that position. ``additive``: 0 / float32 min, for eager attention; else True where allowed."""
+    L = mask.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
+    allowed = ((causal & mask.bool()[:, None, :]) | torch.eye(L, dtype=torch.bool, device=mask.device)).unsqueeze(1)
+    if not additive:
+        return allowed
+    return torch.zeros(allowed.shape, device=mask.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def _model_mask(inputs: LogprobInputs, implementation: str) -> torch.Tensor | None:
+    """The attention mask the model gets: the 2-d mask, or for left-padded rows under sdpa and eager attention the
+    4-d mask of ``padded_causal_mask`` (other implementations, flash-attention's, take padding from the 2-d one)."""
+    if inputs.left_padded and implementation in ("sdpa", "eager"):
+        return padded_causal_mask(inputs.attention_mask, additive=implementation == "eager")
+    return inputs.attention_mask
 
 
 def _scatter(values: torch.Tensor, inputs: LogprobInputs) -> torch.Tensor:
@@ -483,9 +507,8 @@ def _attention(config, implementation: str):
 def _full_logits_path(model, inputs: LogprobInputs, temperature: float, entropy_grad: bool):
     """The plain computation (full logits of the completion positions), for models whose head is not a Linear."""
     length = inputs.completion_width
-    logits = model(
-        input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, logits_to_keep=length + 1
-    ).logits
+    mask = _model_mask(inputs, getattr(getattr(model, "module", model).config, "_attn_implementation", "sdpa"))
+    logits = model(input_ids=inputs.input_ids, attention_mask=mask, position_ids=inputs.position_ids, logits_to_keep=length + 1).logits
     logits = logits[:, :-1].float() / temperature
     logprobs = torch.log_softmax(logits, dim=-1)
     token_logprobs = logprobs.gather(-1, inputs.input_ids[:, -length:].unsqueeze(-1)).squeeze(-1)

@@ -142,6 +142,35 @@ def test_rows_padded_to_a_width_bucket_give_the_same_log_probs(tmp_path, first):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+def _sdpa_without_safe_softmax(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Scaled dot-product attention with a plain softmax: NaN for a query that may attend no key, as the SDPA that
+    inductor compiles on CUDA gave (torch's own CPU kernel returns zeros there instead)."""
+    if enable_gqa:
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    scores = query @ key.transpose(-1, -2) * (scale or query.shape[-1] ** -0.5)
+    if is_causal:
+        attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.softmax(scores, dim=-1) @ value
+
+
+def test_left_padding_never_leaves_a_query_without_keys(tmp_path, monkeypatch):
+    """A left-padding query attends itself: with an attention kernel that gives NaN for a query with no key, the
+    padded rows' log-probs, loss and gradients are still finite and equal torch's own kernel's."""
+    model = _tiny(tmp_path, "llama")
+    batch = _batch(seed=3)
+    assert not batch[1].all()  # some prompt is padded on the left
+    expected = _loss_and_grads(model, batch)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _sdpa_without_safe_softmax)
+    lp, ent, loss, grads = _loss_and_grads(model, batch)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+    torch.testing.assert_close(lp, expected[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, expected[2], atol=1e-5, rtol=0)
+    _close_grads(expected[3], grads)
+
+
 def _grouped_batch(seed=0, groups=3, group_size=3, vocab=90):
     """``groups`` prompts of uneven lengths, each repeated for ``group_size`` completions of uneven lengths (one
     of them empty), laid out as the trainer does: a group's rows next to each other."""
