@@ -62,58 +62,56 @@ def _rope_and_cache_kernel(
     QKV, X, BIAS, COS, SIN, POS0, T, QOUT, KC, VC, QNW, KNW, eps, scale, G, N,
     s_qkv, s_cos, s_kc_p, s_kc_h, s_kc_g, s_kc_s,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QK_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_X: tl.constexpr,
+    BLOCK_X: tl.constexpr, HEADS: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    head = tl.program_id(1)  # 0 .. H + 2 HKV - 1: query heads, key heads, value heads
+    r = tl.program_id(0)  # one row, all its heads: query heads, key heads, value heads (a tile [HEADS, D])
     t = tl.load(T)
-    d = tl.arange(0, D)
+    head = tl.arange(0, HEADS)[:, None]
+    d = tl.arange(0, D)[None, :]
     partner = (d + D // 2) % D  # rotate_half(x)[d] = -+x[partner[d]]; the sign is in SIN
+    real = head < H + 2 * HKV
+    is_q = head < H
+    is_v = (head >= H + HKV) & real
+    is_k = (head >= H) & (head < H + HKV)
     inv = _inv_rms(X, r, N, eps, BLOCK_X)
-    x = tl.load(QKV + r * s_qkv + head * D + d).to(tl.float32) * inv
-    x_partner = tl.load(QKV + r * s_qkv + head * D + partner).to(tl.float32) * inv
+    x = tl.load(QKV + r * s_qkv + head * D + d, mask=real, other=0.0).to(tl.float32) * inv
+    x_partner = tl.load(QKV + r * s_qkv + head * D + partner, mask=real, other=0.0).to(tl.float32) * inv
     if HAS_BIAS:
-        x += tl.load(BIAS + head * D + d).to(tl.float32)
-        x_partner += tl.load(BIAS + head * D + partner).to(tl.float32)
+        x += tl.load(BIAS + head * D + d, mask=real, other=0.0).to(tl.float32)
+        x_partner += tl.load(BIAS + head * D + partner, mask=real, other=0.0).to(tl.float32)
     # rounded where the unfused projection's output is
     x = x.to(QKV.dtype.element_ty).to(tl.float32)
     x_partner = x_partner.to(QKV.dtype.element_ty).to(tl.float32)
-    p = r // G
-    g = r % G
-    slot = p * s_kc_p + g * s_kc_g + (t - 1) * s_kc_s
-    if head >= H + HKV:
-        tl.store(VC + slot + (head - H - HKV) * s_kc_h + d, x.to(VC.dtype.element_ty))
-    else:
-        if QK_NORM:
-            head_inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-            if head < H:
-                w, w_partner = tl.load(QNW + d).to(tl.float32), tl.load(QNW + partner).to(tl.float32)
-            else:
-                w, w_partner = tl.load(KNW + d).to(tl.float32), tl.load(KNW + partner).to(tl.float32)
-            x = (x * head_inv).to(QKV.dtype.element_ty).to(tl.float32) * w
-            x_partner = (x_partner * head_inv).to(QKV.dtype.element_ty).to(tl.float32) * w_partner
-        pos = tl.load(POS0 + r) + t - 1
-        cos = tl.load(COS + pos * s_cos + d).to(tl.float32)
-        sin = tl.load(SIN + pos * s_cos + d).to(tl.float32)  # sin with its first half negated
-        y = x * cos + x_partner * sin
-        if head < H:
-            tl.store(QOUT + (r * H + head) * D + d, (y * scale).to(QOUT.dtype.element_ty))
-        else:
-            tl.store(KC + slot + (head - H) * s_kc_h + d, y.to(KC.dtype.element_ty))
+    slot = (r // G) * s_kc_p + (r % G) * s_kc_g + (t - 1) * s_kc_s
+    tl.store(VC + slot + (head - H - HKV) * s_kc_h + d, x.to(VC.dtype.element_ty), mask=is_v)
+    if QK_NORM:
+        head_inv = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+        w = tl.where(is_q, tl.load(QNW + d).to(tl.float32), tl.load(KNW + d).to(tl.float32))
+        w_partner = tl.where(is_q, tl.load(QNW + partner).to(tl.float32), tl.load(KNW + partner).to(tl.float32))
+        x = (x * head_inv).to(QKV.dtype.element_ty).to(tl.float32) * w
+        x_partner = (x_partner * head_inv).to(QKV.dtype.element_ty).to(tl.float32) * w_partner
+    pos = tl.load(POS0 + r) + t - 1
+    cos = tl.load(COS + pos * s_cos + d).to(tl.float32)
+    sin = tl.load(SIN + pos * s_cos + d).to(tl.float32)  # sin with its first half negated
+    y = x * cos + x_partner * sin
+    tl.store(QOUT + (r * H + head) * D + d, (y * scale).to(QOUT.dtype.element_ty), mask=is_q)
+    tl.store(KC + slot + (head - H) * s_kc_h + d, y.to(KC.dtype.element_ty), mask=is_k)
 
 
 def rope_and_cache(qkv, x, bias, cos, sin, pos0, t, kc, vc, q_norm, k_norm, eps, H, Hkv, D, G) -> torch.Tensor:
     """q [R, H, D] (RoPE, times 1/sqrt(D)) from ``qkv`` [R, (H + 2 Hkv) D] = x @ (norm-folded weights).T: scaled by
     1/rms(x) (x [R, hidden], the residual stream), plus ``bias``; writes RoPE'd k and v into ``kc``/``vc``
-    [Pp, Hkv, G, W, D] at slot t - 1."""
+    [Pp, Hkv, G, W, D] at slot t - 1. One program a row: its 1/rms is computed once for all its heads."""
     R, N = x.shape
     q = torch.empty(R, H, D, dtype=qkv.dtype, device=qkv.device)
     norm = q_norm is not None
-    _rope_and_cache_kernel[(R, H + 2 * Hkv)](
+    heads = triton.next_power_of_2(H + 2 * Hkv)
+    _rope_and_cache_kernel[(R,)](
         qkv, x, bias if bias is not None else qkv, cos, sin, pos0, t, q, kc, vc, q_norm if norm else qkv,
         k_norm if norm else qkv, eps, D**-0.5, G, N,
         qkv.stride(0), cos.stride(0), kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3),
-        H=H, HKV=Hkv, D=D, QK_NORM=norm, HAS_BIAS=bias is not None, BLOCK_X=triton.next_power_of_2(N), num_warps=1,
+        H=H, HKV=Hkv, D=D, QK_NORM=norm, HAS_BIAS=bias is not None, BLOCK_X=triton.next_power_of_2(N), HEADS=heads,
+        num_warps=4 if heads * D <= 2048 else 8,
     )
     return q
 

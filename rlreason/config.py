@@ -77,6 +77,10 @@ class RolloutConfig:
     """Rollout engine: "hf" (transformers ``generate``, the reference path) or "fast" (rlreason.fast_rollout: each
     prompt prefilled once for its group, static KV cache, CUDA graphs on a GPU, log-probs recorded while sampling;
     Llama, Mistral, Qwen2 and Qwen3 models; the same tokens as "hf" for the same seeds)."""
+    keep_cache: bool = False
+    """"fast" engine on a GPU: keep its KV cache, weight copies and CUDA graphs from one step to the next instead of
+    freeing them before training. Each generate call then replays graphs recorded once (the prefill too) instead of
+    recording them again; the price is their memory held through the training pass (at 360M, P16 G8 L256: ~2 GB)."""
 
 
 @dataclass
@@ -156,7 +160,7 @@ class TrainConfig:
     """With ``compile``: replay the compiled decoder stack's forward and backward passes as CUDA graphs
     (torch.compile's "reduce-overhead" mode), so a micro-batch costs a few launches instead of a thousand. A small
     model's training pass is otherwise bound by the host: on an H200 the 360M benchmark's pass took 0.58 s, of
-    which the GPU's kernels were 0.32 s (a profile). Rows are padded on the left to a multiple of 64 tokens, so a run records one graph per width
+    which the GPU's kernels were 0.32 s (a profile). Rows are padded on the right (after the completions) to a multiple of 64 tokens, so a run records one graph per width
     bucket. Padded rows only (not ``packing`` or ``shared_prompt``); one process."""
     shared_prompt: bool = False
     """Compute each group's prompt once in the log-prob passes: one row holds the prompt and its G completions,
@@ -433,6 +437,8 @@ def validate(config: Config) -> list[str]:
         problems.append("rollout.top_p: must be in (0, 1]")
     if ro.engine not in ("hf", "fast"):
         problems.append(f"rollout.engine: unknown engine {ro.engine!r}; available: 'hf', 'fast'")
+    if ro.keep_cache and ro.engine != "fast":
+        problems.append("rollout.keep_cache: needs rollout.engine 'fast' (the 'hf' engine keeps no cache between steps)")
     if tr.packing and tr.shared_prompt:
         problems.append("train.packing / train.shared_prompt: choose one row layout for the log-prob passes")
     if tr.compile and ro.engine != "fast":

@@ -28,6 +28,12 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 SHARED_PROMPT_ATTENTION = "rlreason_shared_prompt"
 """The attention function shared-prompt rows use with sdpa models: registered with transformers below."""
 
+CAUSAL_ATTENTION = "rlreason_causal"
+"""sdpa under a name transformers builds no mask for (registered below), for rows that need causal attention only:
+given no mask, SDPA runs its causal kernels (``is_causal``). Under "sdpa" itself transformers makes a 4-d mask
+whenever it reads the position ids as packed sequences, which is always while the decoder is compiled
+(train.compile) and, eagerly, whenever right padding repeats a row's last position."""
+
 CHUNK_BYTES = 1 << 26
 """Float32 logits per chunk of the vocabulary projection (64 MiB): tokens per chunk = CHUNK_BYTES / (4 x vocab)."""
 
@@ -69,6 +75,7 @@ class LogprobInputs:
     packed: bool  # rows are not the micro-batch's rows (packed or shared prompts)
     shared: SharedLayout | None = None
     left_padded: bool = False  # some prompt is padded on the left (read from the CPU mask: no device sync later)
+    trailing_cols: int = 0  # padding columns after the completions (``width_multiple``)
 
     @property
     def completion_width(self) -> int:
@@ -97,14 +104,22 @@ def logprob_inputs(
     completion_mask: torch.Tensor,
     packing: bool = False,
     shared_prompt: bool = False,
+    width_multiple: int = 1,
+    pad_id: int = 0,
 ) -> LogprobInputs:
     """The model's inputs for a padded micro-batch (prompts left-padded, completions right-padded). Cheapest on CPU
     tensors: it reads the masks' contents. Position ids follow the attention mask, as in ``generate``, so left
-    padding does not shift the prompt's positions."""
+    padding does not shift the prompt's positions.
+
+    ``width_multiple``: padded rows are widened to a multiple of it by columns of ``pad_id`` after the completions,
+    so that the model sees few distinct widths (train.cuda_graphs records a graph per width). Padding on the right
+    changes nothing a real token sees, and unlike left padding it needs no attention mask (``_model_mask``)."""
     out_rows, out_cols = completion_mask.nonzero(as_tuple=True)
     targets = completion_ids[out_rows, out_cols]
     if packing and shared_prompt:
         raise ValueError("train.packing and train.shared_prompt: choose one layout")
+    if width_multiple > 1 and (packing or shared_prompt):
+        raise ValueError("width_multiple: padded rows only (not train.packing or train.shared_prompt)")
     if shared_prompt:
         ids, positions, rows, cols, layout = _share_prompts(prompt_ids, prompt_mask, completion_ids, completion_mask)
         return LogprobInputs(ids, positions, None, rows, cols, targets, out_rows, out_cols, completion_mask, True, layout)
@@ -113,27 +128,14 @@ def logprob_inputs(
         return LogprobInputs(ids, positions, None, rows, cols, targets, out_rows, out_cols, completion_mask, True)
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    trailing = -ids.shape[1] % width_multiple
+    ids, mask = F.pad(ids, (0, trailing), value=pad_id), F.pad(mask, (0, trailing), value=0)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     cols = out_cols + prompt_ids.shape[1] - 1  # the position before a completion token predicts it
     return LogprobInputs(
-        ids, positions, mask, out_rows, cols, targets, out_rows, out_cols, completion_mask, False, left_padded=not bool(prompt_mask.all())
+        ids, positions, mask, out_rows, cols, targets, out_rows, out_cols, completion_mask, False,
+        left_padded=not bool(prompt_mask.all()), trailing_cols=trailing,
     )
-
-
-def pad_left_to(
-    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, first: int, completion_width: int, multiple: int, pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Left-padded prompts [N, Pw] whose columns from ``first`` on, followed by ``completion_width`` columns, make a
-    row of a multiple of ``multiple`` tokens: (ids, mask, the new first column), with padding columns added on the
-    left where the prompts have too few. Padding is masked out, so log-probs do not change; what changes is how
-    few distinct widths the model sees (train.cuda_graphs records a graph per width)."""
-    used = prompt_ids.shape[1] - first
-    wanted = -(-(used + completion_width) // multiple) * multiple - completion_width
-    missing = wanted - prompt_ids.shape[1]
-    if missing > 0:
-        prompt_ids = F.pad(prompt_ids, (missing, 0), value=pad_id)
-        prompt_mask = F.pad(prompt_mask, (missing, 0), value=0)
-    return prompt_ids, prompt_mask, prompt_ids.shape[1] - wanted
 
 
 def completion_logprobs(
@@ -220,8 +222,8 @@ def logprobs_from_inputs(
             raise ValueError(f"train.packing / train.shared_prompt: not supported for {type(inner).__name__}")
         return _full_logits_path(model, inputs, temperature, entropy_grad)
 
-    implementation = getattr(inner.config, "_attn_implementation", "sdpa")
-    mask, extra = _model_mask(inputs, implementation), {}
+    implementation = _attention_implementation(inputs, inner.config)
+    mask, extra = _model_mask(inputs, implementation, inner.config), {}
     if inputs.shared is not None:
         if implementation == "eager":  # a tree-shaped mask over the whole row, added to the scores
             tree = _tree_mask(inputs.shared.segment)
@@ -251,12 +253,39 @@ def padded_causal_mask(mask: torch.Tensor, additive: bool = False) -> torch.Tens
     return torch.zeros(allowed.shape, device=mask.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-def _model_mask(inputs: LogprobInputs, implementation: str) -> torch.Tensor | None:
-    """The attention mask the model gets: the 2-d mask, or for left-padded rows under sdpa and eager attention the
-    4-d mask of ``padded_causal_mask`` (other implementations, flash-attention's, take padding from the 2-d one)."""
-    if inputs.left_padded and implementation in ("sdpa", "eager"):
+def _model_mask(inputs: LogprobInputs, implementation: str, config) -> torch.Tensor | None:
+    """The attention mask the model gets. None unless some prompt is left-padded: causal attention alone is then
+    exact, since a row's padding all follows its last real token (completions are right-padded), where no real query
+    looks, and no padding position's output is read; the model makes its own causal mask, or none (sdpa's
+    ``is_causal``, ``CAUSAL_ATTENTION``). Left-padded rows under sdpa and eager attention get the 4-d mask of
+    ``padded_causal_mask`` when every layer is plainly causal; otherwise (sliding windows, which only the masks
+    transformers makes carry; flash-attention) the 2-d mask, from which the model makes its own."""
+    if not inputs.left_padded:
+        return None
+    if implementation in ("sdpa", "eager") and _causal_only(config):
         return padded_causal_mask(inputs.attention_mask, additive=implementation == "eager")
     return inputs.attention_mask
+
+
+def _attention_implementation(inputs: LogprobInputs, config) -> str:
+    """The model's attention implementation, or ``CAUSAL_ATTENTION`` in place of sdpa for padded rows that need no
+    mask (none left-padded) in a model where transformers' mask would be plain causal."""
+    implementation = getattr(config, "_attn_implementation", "sdpa")
+    if implementation == "sdpa" and not (inputs.left_padded or inputs.packed) and _causal_only(config):
+        return CAUSAL_ATTENTION
+    return implementation
+
+
+def _causal_only(config) -> bool:
+    """Every layer attends causally to the whole row: no sliding window or attention chunks, which transformers
+    builds into the mask it makes (and would leave out under ``CAUSAL_ATTENTION``), and not bidirectional."""
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return (
+        getattr(config, "is_causal", True)
+        and all(kind == "full_attention" for kind in layer_types)
+        and getattr(config, "sliding_window", None) is None
+        and getattr(config, "attention_chunk_size", None) is None
+    )
 
 
 def _scatter(values: torch.Tensor, inputs: LogprobInputs) -> torch.Tensor:
@@ -491,6 +520,7 @@ def shared_prompt_attention(module, query, key, value, attention_mask, dropout: 
 
 
 AttentionInterface.register(SHARED_PROMPT_ATTENTION, shared_prompt_attention)
+AttentionInterface.register(CAUSAL_ATTENTION, sdpa_attention_forward)
 
 
 @contextlib.contextmanager
@@ -506,12 +536,17 @@ def _attention(config, implementation: str):
 
 def _full_logits_path(model, inputs: LogprobInputs, temperature: float, entropy_grad: bool):
     """The plain computation (full logits of the completion positions), for models whose head is not a Linear."""
-    length = inputs.completion_width
-    mask = _model_mask(inputs, getattr(getattr(model, "module", model).config, "_attn_implementation", "sdpa"))
-    logits = model(input_ids=inputs.input_ids, attention_mask=mask, position_ids=inputs.position_ids, logits_to_keep=length + 1).logits
-    logits = logits[:, :-1].float() / temperature
+    length, end = inputs.completion_width, inputs.input_ids.shape[1] - inputs.trailing_cols
+    config = getattr(model, "module", model).config
+    implementation = _attention_implementation(inputs, config)
+    mask = _model_mask(inputs, implementation, config)
+    with _attention(config, implementation):
+        logits = model(
+            input_ids=inputs.input_ids, attention_mask=mask, position_ids=inputs.position_ids, logits_to_keep=length + 1 + inputs.trailing_cols
+        ).logits
+    logits = logits[:, :length].float() / temperature
     logprobs = torch.log_softmax(logits, dim=-1)
-    token_logprobs = logprobs.gather(-1, inputs.input_ids[:, -length:].unsqueeze(-1)).squeeze(-1)
+    token_logprobs = logprobs.gather(-1, inputs.input_ids[:, end - length : end].unsqueeze(-1)).squeeze(-1)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logprobs.exp() * logprobs).sum(-1)
     keep = inputs.completion_mask.to(token_logprobs.dtype)

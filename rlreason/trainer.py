@@ -47,7 +47,6 @@ from rlreason.logprobs import (
     compiled_head_math,
     logprob_inputs,
     logprobs_from_inputs,
-    pad_left_to,
 )
 from rlreason.losses import high_entropy_mask, kl_divergence, masked_mean, policy_loss, token_weights
 from rlreason.models import compile_decoder, load_model, load_tokenizer
@@ -135,8 +134,11 @@ class Trainer:
         if tr.compile:
             compile_decoder(model, mode="reduce-overhead" if tr.cuda_graphs else None)
             self.head_math = compiled_head_math()
+        # fused on CUDA: the update in one multi-tensor kernel instead of a dozen foreach ones. The model is still on
+        # the CPU here; accelerate moves it below, before the first step, which is when AdamW checks the devices.
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=tr.learning_rate, betas=tuple(tr.adam_betas), weight_decay=tr.weight_decay
+            model.parameters(), lr=tr.learning_rate, betas=tuple(tr.adam_betas), weight_decay=tr.weight_decay,
+            fused=True if self.accelerator.device.type == "cuda" else None,
         )
         # Not prepared by accelerate: its wrapper steps once per process, which would shorten warm-up.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (tr.warmup_steps + 1)))
@@ -146,7 +148,9 @@ class Trainer:
             self.reference = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision).to(self.accelerator.device)
             self.reference.eval().requires_grad_(False)
 
-        self.engine = build_engine(config.rollout.engine, self.accelerator.unwrap_model(self.model), self.tokenizer, use_bf16)
+        self.engine = build_engine(
+            config.rollout.engine, self.accelerator.unwrap_model(self.model), self.tokenizer, use_bf16, config.rollout.keep_cache
+        )
         self.sampling = SamplingParams(
             config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p, config.rollout.top_k
         )
@@ -497,11 +501,11 @@ class Trainer:
             prompt_ids, prompt_mask, completion_mask = rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_mask[rows]
             first = int((prompt_mask.sum(dim=0) > 0).nonzero()[0])
             width = max(int(completion_mask.sum(dim=1).max()), 1)
-            if tr.cuda_graphs:  # one graph per 64-token bucket of row widths: the prompts padded on the left to fit
-                prompt_ids, prompt_mask, first = pad_left_to(prompt_ids, prompt_mask, first, width, 64, self.tokenizer.pad_token_id)
             inputs = logprob_inputs(
                 prompt_ids[:, first:], prompt_mask[:, first:], rollout.completion_ids[rows, :width],
                 completion_mask[:, :width], packing=tr.packing, shared_prompt=tr.shared_prompt,
+                # train.cuda_graphs: one graph per 64-token bucket of row widths, padding columns after the completions
+                width_multiple=64 if tr.cuda_graphs else 1, pad_id=self.tokenizer.pad_token_id,
             )
             out.append(inputs.to(self.accelerator.device))
         return out

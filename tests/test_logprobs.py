@@ -10,7 +10,7 @@ from conftest import build_char_tokenizer, tiny_config
 from transformers import AutoModelForCausalLM
 
 import rlreason.logprobs as lp_module
-from rlreason.logprobs import _full_logits_path, completion_logprobs, logprob_inputs, pad_left_to
+from rlreason.logprobs import _full_logits_path, completion_logprobs, logprob_inputs, logprobs_from_inputs
 from rlreason.models import compile_decoder
 
 
@@ -34,6 +34,14 @@ def _batch(seed=0, rows=6, vocab=90):
         completion_ids[i, : c_len[i]] = torch.randint(5, vocab, (int(c_len[i]),), generator=g)
         completion_mask[i, : c_len[i]] = 1
     return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def _unpadded_prompts(seed=0, rows=6, vocab=90):
+    """``_batch`` with every prompt as long as the widest (no left padding), completions still uneven."""
+    prompt_ids, _, completion_ids, completion_mask = _batch(seed, rows, vocab)
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(5, vocab, prompt_ids.shape, generator=g)
+    return prompt_ids, torch.ones_like(prompt_ids), completion_ids, completion_mask
 
 
 def _loss_and_grads(model, batch, **kw):
@@ -125,21 +133,130 @@ def test_compiled_decoder_gives_the_same_loss_and_gradients(tmp_path):
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints keep their names
 
 
-@pytest.mark.parametrize("first", [0, 3])
-def test_rows_padded_to_a_width_bucket_give_the_same_log_probs(tmp_path, first):
-    """train.cuda_graphs pads prompts on the left so every row width is a multiple of the bucket; masked padding
-    leaves the log-probs as they were (first > 0: some columns dropped before padding, as the trainer trims)."""
-    model = _tiny(tmp_path, "llama")
-    prompt_ids, prompt_mask, completion_ids, completion_mask = _batch(seed=7)
-    prompt_ids, prompt_mask = torch.nn.functional.pad(prompt_ids, (first, 0)), torch.nn.functional.pad(prompt_mask, (first, 0))
-    width = completion_ids.shape[1]
-    ids, mask, start = pad_left_to(prompt_ids, prompt_mask, first, width, 16, pad_id=0)
-    assert (ids.shape[1] - start + width) % 16 == 0 and start >= 0
-    assert int(mask[:, start:].sum()) == int(prompt_mask.sum())  # every prompt token kept, only padding added
+def _explicit_2d_mask(monkeypatch):
+    """The computation as it was before masks were left out: the model's own attention and the 2-d mask."""
+    monkeypatch.setattr(lp_module, "_attention_implementation", lambda inputs, config: config._attn_implementation)
+    monkeypatch.setattr(lp_module, "_model_mask", lambda inputs, implementation, config: inputs.attention_mask)
+
+
+def _spy_model_masks(model):
+    """The attention_mask of every call to ``model``, as it was called."""
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    return seen
+
+
+def _spy_sdpa(monkeypatch):
+    """(mask given, is_causal) of every scaled_dot_product_attention call."""
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        seen.append((attn_mask is not None, is_causal))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize(("arch", "attention"), [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("deepseek_v3", "sdpa")])
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_a_mask_only_for_left_padding(tmp_path, monkeypatch, arch, attention, left_padded):
+    """Rows whose prompts are not left-padded (completions right-padded, of uneven lengths) reach the model with no
+    attention mask, and under sdpa run SDPA's causal kernel with none; left-padded rows get a mask. Either way the
+    log-probs, entropies, loss and gradients are those of the explicit 2-d mask (the module's tolerances)."""
+    monkeypatch.setattr(lp_module, "CHUNK_BYTES", 4 * 90 * 7)
+    model = _tiny(tmp_path, arch)
+    model.config._attn_implementation = attention
+    batch = _batch(seed=4) if left_padded else _unpadded_prompts(seed=4)
+    assert bool(batch[1].all()) != left_padded and not batch[3].all()  # completions of uneven lengths
+    with monkeypatch.context() as m:
+        _explicit_2d_mask(m)
+        expected = _loss_and_grads(model, batch)
+    masks, sdpa = _spy_model_masks(model), _spy_sdpa(monkeypatch)
+    lp, ent, loss, grads = _loss_and_grads(model, batch)
+    assert [mask is not None for mask in masks] == [left_padded]
+    if attention == "sdpa":
+        assert len(sdpa) == 2 and all(call == (left_padded, not left_padded) for call in sdpa)  # both layers
+    mask = batch[3].bool()
+    torch.testing.assert_close(lp[mask], expected[0][mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent[mask], expected[1][mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, expected[2], atol=1e-5, rtol=0)
+    _close_grads(expected[3], grads)
+    assert model.config._attn_implementation == attention
+
+
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_sliding_window_layers_keep_the_mask_transformers_makes(tmp_path, monkeypatch, left_padded):
+    """Sliding-window layers take their window from the mask transformers makes, so a model with them keeps its own
+    attention, with or without left padding (then from the 2-d mask, not ``padded_causal_mask``): its log-probs are
+    the explicit 2-d mask's (a window shorter than the rows), and plain causal attention's would differ."""
+    tokenizer = build_char_tokenizer(tmp_path)
+    config = tiny_config("qwen2", len(tokenizer), tokenizer.eos_token_id)
+    config.use_sliding_window, config.sliding_window, config.layer_types = True, 4, ["sliding_attention"] * 2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    batch = _batch(seed=6) if left_padded else _unpadded_prompts(seed=6)
+    assert bool(batch[1].all()) != left_padded
+    masks = _spy_model_masks(model)
     with torch.no_grad():
-        expected, _ = completion_logprobs(model, prompt_ids[:, first:], prompt_mask[:, first:], completion_ids, completion_mask)
-        got, _ = completion_logprobs(model, ids[:, start:], mask[:, start:], completion_ids, completion_mask)
+        got, _ = completion_logprobs(model, *batch)
+        with monkeypatch.context() as m:
+            _explicit_2d_mask(m)
+            expected, _ = completion_logprobs(model, *batch)
+        with monkeypatch.context() as m:
+            m.setattr(lp_module, "_causal_only", lambda config: True)
+            causal, _ = completion_logprobs(model, *batch)
+    assert masks[0] is None if not left_padded else masks[0].dim() == 2
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (causal - expected).abs().max() > 1e-3
+
+
+def test_compiled_decoder_runs_unmasked_rows_with_the_causal_kernel(tmp_path):
+    """train.compile: transformers makes a 4-d mask for any sdpa call it compiles with no attention mask (it looks
+    for packed sequences in the position ids), so rows that need none go through ``CAUSAL_ATTENTION``: the compiled
+    graph calls SDPA with is_causal and no mask, and a left-padded batch with a mask; the log-probs are the eager ones."""
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.extend((n.kwargs.get("attn_mask") is not None, n.kwargs.get("is_causal")) for n in gm.graph.nodes if n.target is torch._C._nn.scaled_dot_product_attention)
+        return gm.forward
+
+    torch._dynamo.reset()
+    eager, compiled = _tiny(tmp_path, "llama"), _tiny(tmp_path, "llama")
+    compile_decoder(compiled, backend=backend)
+    for batch, masked in ((_unpadded_prompts(seed=5), False), (_batch(seed=5), True)):
+        calls.clear()
+        with torch.no_grad():
+            got, _ = completion_logprobs(compiled, *batch)
+            expected, _ = completion_logprobs(eager, *batch)
+        assert calls == [(masked, not masked)] * 2  # both layers
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("multiple", [16, 64])
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_rows_padded_on_the_right_to_a_width_bucket_give_the_same_log_probs(tmp_path, multiple, left_padded):
+    """train.cuda_graphs widens every row to a multiple of the bucket with padding columns after the completions:
+    the log-probs are the unwidened rows' (on the lean path and the plain one), the completion columns and where they
+    are read from do not move, and with no prompt left-padded the model still gets no mask."""
+    model = _tiny(tmp_path, "llama")
+    batch = _batch(seed=7) if left_padded else _unpadded_prompts(seed=7)
+    plain, widened = logprob_inputs(*batch), logprob_inputs(*batch, width_multiple=multiple, pad_id=3)
+    width = plain.input_ids.shape[1]
+    assert widened.input_ids.shape[1] % multiple == 0 and widened.trailing_cols == widened.input_ids.shape[1] - width > 0
+    assert torch.equal(widened.input_ids[:, :width], plain.input_ids) and (widened.input_ids[:, width:] == 3).all()
+    assert torch.equal(widened.attention_mask[:, :width], plain.attention_mask) and not widened.attention_mask[:, width:].any()
+    assert widened.completion_width == plain.completion_width and torch.equal(widened.hidden_cols, plain.hidden_cols)
+    masks = _spy_model_masks(model)
+    with torch.no_grad():
+        expected, _ = logprobs_from_inputs(model, plain)
+        got, _ = logprobs_from_inputs(model, widened)
+        full, _ = _full_logits_path(model, widened, temperature=1.0, entropy_grad=False)
+    assert [mask is not None for mask in masks] == [left_padded] * 3
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(full, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="padded rows only"):
+        logprob_inputs(*batch, packing=True, width_multiple=multiple)
 
 
 def _sdpa_without_safe_softmax(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

@@ -134,7 +134,7 @@ def test_reference_model_only_when_beta_positive(tiny_llama, tmp_path):
 
 
 def test_cuda_graph_layout_trains_like_the_plain_one(tmp_path, monkeypatch):
-    """train.cuda_graphs changes the row layout (prompts padded on the left to 64-token widths) and where the
+    """train.cuda_graphs changes the row layout (rows padded on the right to 64-token widths) and where the
     gradients accumulate (tensors kept from step to step, zeroed after each update); with the compiler left out on
     the CPU, each step's gradient must be the plain layout's (the head's math compiled without code generation). The
     graphs themselves need a GPU (benchmarks/throughput.py --cuda-graphs). Updates are left out so that both runs see the same batches."""
@@ -156,10 +156,12 @@ def test_cuda_graph_layout_trains_like_the_plain_one(tmp_path, monkeypatch):
         for _ in range(2):
             trainer.train_step()
         _, rollout, _, _ = trainer._sample_groups(2, 4)
-        widths = {x.input_ids.shape[1] for x in trainer._model_inputs(rollout)}
-        results[graphs] = (gradients, widths, [p.grad for p in trainer.model.parameters()])
-    (plain, plain_widths, plain_kept), (graphed, widths, kept) = results[False], results[True]
-    assert all(w % 64 == 0 for w in widths) and not any(w % 64 == 0 for w in plain_widths)
+        results[graphs] = (gradients, trainer._model_inputs(rollout), [p.grad for p in trainer.model.parameters()])
+    (plain, plain_inputs, plain_kept), (graphed, inputs, kept) = results[False], results[True]
+    assert all(x.input_ids.shape[1] % 64 == 0 for x in inputs) and not any(x.input_ids.shape[1] % 64 == 0 for x in plain_inputs)
+    for x, y in zip(plain_inputs, inputs, strict=True):  # the same rows, padding columns added after the completions only
+        assert torch.equal(y.input_ids[:, : x.input_ids.shape[1]], x.input_ids) and not y.attention_mask[:, x.input_ids.shape[1] :].any()
+        assert torch.equal(y.completion_mask, x.completion_mask) and torch.equal(y.hidden_cols, x.hidden_cols)
     assert all(g is not None and not g.any() for g in kept) and all(g is None for g in plain_kept)
     for step_plain, step_graphed in zip(plain, graphed, strict=True):  # each step's gradient, bf16 autocast's rounding apart
         a, b = torch.cat([g.flatten() for g in step_plain]), torch.cat([g.flatten() for g in step_graphed])
