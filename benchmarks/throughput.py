@@ -122,9 +122,7 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
         model=ModelConfig(name=str(model_dir), dtype=args.dtype),
         task=TaskConfig(name="throughput_bench", train_size=len(rows), eval_size=P),
         rewards=[RewardConfig("benchmarks.workload:digit_share", 1.0)],
-        rollout=RolloutConfig(
-            prompts_per_step=P, group_size=G, max_new_tokens=L, temperature=1.0, engine=args.engine, keep_cache=args.keep_cache
-        ),
+        rollout=RolloutConfig(prompts_per_step=P, group_size=G, max_new_tokens=L, temperature=1.0, engine=args.engine),
         train=TrainConfig(
             steps=args.warmup + args.steps,
             learning_rate=1e-6,
@@ -324,7 +322,6 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="rlreason's train.compile (torch.compile the decoder stack)")
     parser.add_argument("--cuda-graphs", action="store_true", help="rlreason's train.cuda_graphs (with --compile: the passes replayed as CUDA graphs)")
     parser.add_argument("--bf16", action="store_true", help="on the CPU: bf16 autocast on both sides (default float32; GPUs: always)")
-    parser.add_argument("--keep-cache", action="store_true", help="rlreason's rollout.keep_cache (the engine's cache and graphs kept between steps)")
     parser.add_argument("--shared-prompt", action="store_true", help="rlreason's train.shared_prompt (each group's prompt computed once)")
     parser.add_argument("--profile", action="store_true", help="profile one more rlreason step and print where its time goes")
     parser.add_argument("--sides", default="rlreason,trl")

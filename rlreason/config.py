@@ -77,10 +77,6 @@ class RolloutConfig:
     """Rollout engine: "hf" (transformers ``generate``, the reference path) or "fast" (rlreason.fast_rollout: each
     prompt prefilled once for its group, static KV cache, CUDA graphs on a GPU, log-probs recorded while sampling;
     Llama, Mistral, Qwen2 and Qwen3 models; the same tokens as "hf" for the same seeds)."""
-    keep_cache: bool = False
-    """"fast" engine on a GPU: keep its KV cache, weight copies and CUDA graphs from one step to the next instead of
-    freeing them before training. Each generate call then replays graphs recorded once (the prefill too) instead of
-    recording them again; the price is their memory held through the training pass (at 360M, P16 G8 L256: ~2 GB)."""
 
 
 @dataclass
@@ -437,8 +433,6 @@ def validate(config: Config) -> list[str]:
         problems.append("rollout.top_p: must be in (0, 1]")
     if ro.engine not in ("hf", "fast"):
         problems.append(f"rollout.engine: unknown engine {ro.engine!r}; available: 'hf', 'fast'")
-    if ro.keep_cache and ro.engine != "fast":
-        problems.append("rollout.keep_cache: needs rollout.engine 'fast' (the 'hf' engine keeps no cache between steps)")
     if tr.packing and tr.shared_prompt:
         problems.append("train.packing / train.shared_prompt: choose one row layout for the log-prob passes")
     if tr.compile and ro.engine != "fast":

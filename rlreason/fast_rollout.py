@@ -9,8 +9,7 @@ Same interface and, for the same seeds, the same completions as ``HFEngine`` (th
   installed) the step is seven launches a layer (rlreason._triton_decode: the norms folded into the weights, the
   residual added by the output projections) and two for the draw, and its attention reads the step number on the
   device, so one graph serves every step; the caches, graphs and weight copies are then freed after
-  each call (``release_memory``) and generation adds nothing to the training step's peak memory, unless
-  ``rollout.keep_cache`` keeps them (and the prefill is then recorded too), so later calls only replay. With
+  each call (``release_memory``) and generation adds nothing to the training step's peak memory. With
   ``kernels="torch"`` (any device) there is one graph per cache-width bucket of ``block`` slots;
 - sampling on the device with ``rlreason.sampling``'s per-completion seeds (temperature, top-k, top-p);
 - the log-probability of every sampled token (at the sampling temperature, before top-k/top-p, like
@@ -231,10 +230,7 @@ class _Workspace:
     out_tokens: torch.Tensor  # [N + 1, Wc]
     out_logprobs: torch.Tensor  # [N + 1, Wc]
     rows_cache: dict[str, torch.Tensor] = field(default_factory=dict)  # after compaction: kp/vp/kc/vc/bias per row
-    graphs: dict[Any, Any] = field(default_factory=dict)
-    graph_outputs: dict[Any, Any] = field(default_factory=dict)  # what each graph's recorded call returned
-    prompt_ids: torch.Tensor | None = None  # [P, Wp] the recorded prefill's inputs
-    prompt_mask: torch.Tensor | None = None
+    graphs: dict[tuple, Any] = field(default_factory=dict)
     pool: Any = None
 
 
@@ -295,6 +291,8 @@ class FastEngine:
         vocab = self.weights.lm_head[0].shape[0]
         self.eos_tensor = torch.tensor([i for i in self.eos_ids if i < vocab], dtype=torch.long, device=device)
         self.last_stats: dict[str, Any] = {}
+        self._side_stream = torch.cuda.Stream(device) if self.cuda_graphs else None  # where graphs are recorded
+        self._warm: set[tuple] = set()  # steps already run eagerly once: libraries and Triton kernels ready
 
     # ------------------------------------------------------------------ numerics shared by prefill and decode
 
@@ -546,47 +544,35 @@ class FastEngine:
         if self.kernels == "triton":
             B = 0  # the attention kernel reads the step from the device: one graph for every step
         key = (rows_phase, R, Pp, G, B, sampling.greedy, sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_new_tokens)
-        self._graphed(ws, key, lambda: self._step(ws, rows_phase, R, Pp, G, B, sampling))
-
-    def _run_prefill(self, ws: _Workspace, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``_prefill``; when the workspace outlives the call (``release_memory`` off), through a CUDA graph (the
-        prompts are then padded to the workspace's width): recorded once, it costs one launch at later calls instead
-        of ~20 launches a layer."""
-        if not self.cuda_graphs or self.release_memory:
-            return self._prefill(ws, ids, mask)
-        if ws.prompt_ids is None:
-            ws.prompt_ids, ws.prompt_mask = torch.empty_like(ids), torch.empty_like(mask)
-        ws.prompt_ids.copy_(ids)
-        ws.prompt_mask.copy_(mask)
-        return self._graphed(ws, "prefill", lambda: self._prefill(ws, ws.prompt_ids, ws.prompt_mask))
-
-    def _graphed(self, ws: _Workspace, key: Any, fn: Any) -> Any:
-        """``fn()`` (whose inputs and outputs live at fixed addresses) through the CUDA graph recorded for ``key``. The
-        first call runs it eagerly on a side stream (which also warms up the libraries) and then records it without
-        running it, so its effects happen once; later calls replay the graph and return the recorded output."""
         graph = ws.graphs.get(key)
         if graph is not None:
             graph.replay()
-            return ws.graph_outputs.get(key)
+            return
+        # The first time, this step runs eagerly on the side stream (which warms up the libraries and compiles the
+        # Triton kernels) and is then recorded without running; at later calls (a new workspace: release_memory)
+        # it is only recorded, then replayed. Either way the state moves once.
         started = time.perf_counter()
-        side = torch.cuda.Stream()
+        side = self._side_stream
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            out = fn()
-        torch.cuda.current_stream().wait_stream(side)
+        warm = key in self._warm
+        if not warm:
+            with torch.cuda.stream(side):
+                self._step(ws, rows_phase, R, Pp, G, B, sampling)
+            self._warm.add(key)
         # capture_begin/end rather than torch.cuda.graph, which empties the allocator's cache first: that would
         # hand back the training pass's blocks at every generate call, and the next pass would allocate them again
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
             graph.capture_begin(pool=ws.pool)
             try:
-                ws.graph_outputs[key] = fn()  # recorded, not run: the state moves once
+                self._step(ws, rows_phase, R, Pp, G, B, sampling)
             finally:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(side)
         ws.graphs[key] = graph
+        if warm:
+            graph.replay()
         self.last_stats["capture_s"] = self.last_stats.get("capture_s", 0.0) + time.perf_counter() - started
-        return out
 
     # ------------------------------------------------------------------ compaction
 
@@ -645,9 +631,6 @@ class FastEngine:
         ws = self._workspace(P, n, width, L)
         dev = self.device
         ids, mask = left_pad(prompt_ids, self.tokenizer.pad_token_id)
-        if self.cuda_graphs and not self.release_memory:  # the recorded prefill's width (_run_prefill)
-            pad = ws.Wp - ids.shape[1]
-            ids, mask = F.pad(ids, (pad, 0), value=self.tokenizer.pad_token_id), F.pad(mask, (pad, 0))
         ids, mask = ids.to(dev), mask.to(dev)
         lengths = mask.sum(dim=1)
         ws.bias_p.fill_(float("-inf"))
@@ -661,7 +644,7 @@ class FastEngine:
         ws.out_tokens.fill_(self.tokenizer.pad_token_id)
         ws.out_logprobs.zero_()
 
-        logits = self._run_prefill(ws, ids, mask)[group]
+        logits = self._prefill(ws, ids, mask)[group]
         tokens, logprobs = self._sample(logits, ws.seeds, ws.t, sampling)
         ws.out_tokens[:N, 0], ws.out_logprobs[:N, 0] = tokens, logprobs
         ws.tokens.copy_(tokens)
@@ -733,15 +716,13 @@ def seeded_draw(count: int) -> list[int]:
     return torch.randint(0, 2**62, (count,)).tolist()
 
 
-def build_engine(
-    name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bf16: bool = False, keep_cache: bool = False
-):
+def build_engine(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bf16: bool = False):
     """The engine ``rollout.engine`` names for ``model`` (which it reads afresh at every generate): "hf" or "fast"
-    (computing in bf16 when training does; ``keep_cache``: rollout.keep_cache)."""
+    (computing in bf16 when training does)."""
     from rlreason.rollout import HFEngine
 
     if name == "hf":
         return HFEngine(model, tokenizer)
     if name == "fast":
-        return FastEngine(model, tokenizer, dtype=torch.bfloat16 if bf16 else None, release_memory=False if keep_cache else None)
+        return FastEngine(model, tokenizer, dtype=torch.bfloat16 if bf16 else None)
     raise ValueError(f"rollout.engine: unknown engine {name!r}; available: 'hf', 'fast'")

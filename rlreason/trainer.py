@@ -148,9 +148,7 @@ class Trainer:
             self.reference = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision).to(self.accelerator.device)
             self.reference.eval().requires_grad_(False)
 
-        self.engine = build_engine(
-            config.rollout.engine, self.accelerator.unwrap_model(self.model), self.tokenizer, use_bf16, config.rollout.keep_cache
-        )
+        self.engine = build_engine(config.rollout.engine, self.accelerator.unwrap_model(self.model), self.tokenizer, use_bf16)
         self.sampling = SamplingParams(
             config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p, config.rollout.top_k
         )

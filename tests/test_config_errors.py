@@ -29,7 +29,6 @@ CASES = [
     (["train.cuda_graphs=true"], "train.cuda_graphs: needs train.compile"),
     (["train.cuda_graphs=true", "train.compile=true", "rollout.engine=fast", "train.packing=true"],
      "train.cuda_graphs: padded rows only"),
-    (["rollout.keep_cache=true"], "rollout.keep_cache: needs rollout.engine 'fast'"),
     (["model.dtype=float8"], "model.dtype: must be 'float32' or 'bfloat16'"),
     (["eval.samples=2", "eval.k=[4]"], "eval.k: every k must be between 1 and eval.samples = 2"),
 ]
