@@ -85,7 +85,7 @@ def require_updates(side: str, bad: int, steps: int) -> None:
     """Refuse to time steps whose update was skipped or non-finite: such a step leaves out work (the optimizer)
     and is no training step."""
     if bad:
-        raise RuntimeError(f"{side}: {bad} of {steps} steps had a non-finite gradient norm; their times would not be a training step's")
+        raise RuntimeError(f"{side}: {bad} of {steps} steps had a non-finite loss or gradient norm; their times would not be a training step's")
 
 
 # ------------------------------------------------------------------------------------------------ rlreason

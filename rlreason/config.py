@@ -156,8 +156,8 @@ class TrainConfig:
     """With ``compile``: replay the compiled decoder stack's forward and backward passes as CUDA graphs
     (torch.compile's "reduce-overhead" mode), so a micro-batch costs a few launches instead of a thousand. A small
     model's training pass is otherwise bound by the host: on an H200 the 360M benchmark's pass took 0.58 s, of
-    which the GPU's kernels were 0.32 s (a profile). Rows are padded on the right (after the completions) to a multiple of 64 tokens, so a run records one graph per width
-    bucket. Padded rows only (not ``packing`` or ``shared_prompt``); one process."""
+    which the GPU's kernels were 0.32 s (a profile). Rows are padded on the right (after the completions) to a
+    multiple of 64 tokens, so a run records one graph per width bucket. Padded rows only (not ``packing`` or ``shared_prompt``); one process."""
     shared_prompt: bool = False
     """Compute each group's prompt once in the log-prob passes: one row holds the prompt and its G completions,
     each completion attending to the prompt and itself (the same loss and gradients as separate rows,

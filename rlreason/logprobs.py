@@ -113,7 +113,7 @@ def logprob_inputs(
 
     ``width_multiple``: padded rows are widened to a multiple of it by columns of ``pad_id`` after the completions,
     so that the model sees few distinct widths (train.cuda_graphs records a graph per width). Padding on the right
-    changes nothing a real token sees, and unlike left padding it needs no attention mask (``_model_mask``)."""
+    changes nothing a real token sees, and unlike left padding it needs no attention mask (``_attention_and_mask``)."""
     out_rows, out_cols = completion_mask.nonzero(as_tuple=True)
     targets = completion_ids[out_rows, out_cols]
     if packing and shared_prompt:
@@ -222,8 +222,7 @@ def logprobs_from_inputs(
             raise ValueError(f"train.packing / train.shared_prompt: not supported for {type(inner).__name__}")
         return _full_logits_path(model, inputs, temperature, entropy_grad)
 
-    implementation = _attention_implementation(inputs, inner.config)
-    mask, extra = _model_mask(inputs, implementation, inner.config), {}
+    (implementation, mask), extra = _attention_and_mask(inputs, inner.config), {}
     if inputs.shared is not None:
         if implementation == "eager":  # a tree-shaped mask over the whole row, added to the scores
             tree = _tree_mask(inputs.shared.segment)
@@ -253,27 +252,23 @@ def padded_causal_mask(mask: torch.Tensor, additive: bool = False) -> torch.Tens
     return torch.zeros(allowed.shape, device=mask.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-def _model_mask(inputs: LogprobInputs, implementation: str, config) -> torch.Tensor | None:
-    """The attention mask the model gets. None unless some prompt is left-padded: causal attention alone is then
-    exact, since a row's padding all follows its last real token (completions are right-padded), where no real query
-    looks, and no padding position's output is read; the model makes its own causal mask, or none (sdpa's
-    ``is_causal``, ``CAUSAL_ATTENTION``). Left-padded rows under sdpa and eager attention get the 4-d mask of
-    ``padded_causal_mask`` when every layer is plainly causal; otherwise (sliding windows, which only the masks
-    transformers makes carry; flash-attention) the 2-d mask, from which the model makes its own."""
-    if not inputs.left_padded:
-        return None
-    if implementation in ("sdpa", "eager") and _causal_only(config):
-        return padded_causal_mask(inputs.attention_mask, additive=implementation == "eager")
-    return inputs.attention_mask
+def _attention_and_mask(inputs: LogprobInputs, config) -> tuple[str, torch.Tensor | None]:
+    """The attention implementation and the mask the model runs the rows with.
 
-
-def _attention_implementation(inputs: LogprobInputs, config) -> str:
-    """The model's attention implementation, or ``CAUSAL_ATTENTION`` in place of sdpa for padded rows that need no
-    mask (none left-padded) in a model where transformers' mask would be plain causal."""
+    Rows with no left-padded prompt get no mask: causal attention alone is exact, since a row's padding all follows
+    its last real token (completions are right-padded), where no real query looks, and no padding position's output
+    is read; under sdpa they run as ``CAUSAL_ATTENTION`` (SDPA's ``is_causal``) when every layer is plainly causal.
+    Left-padded rows under sdpa and eager attention get the 4-d mask of ``padded_causal_mask`` when every layer is
+    plainly causal; otherwise (sliding windows, which only the masks transformers makes carry; flash-attention) the
+    2-d mask, from which the model makes its own. Packed and shared rows: the model's own attention, no mask."""
     implementation = getattr(config, "_attn_implementation", "sdpa")
-    if implementation == "sdpa" and not (inputs.left_padded or inputs.packed) and _causal_only(config):
-        return CAUSAL_ATTENTION
-    return implementation
+    causal = _causal_only(config)
+    if not inputs.left_padded:
+        fast = implementation == "sdpa" and not inputs.packed and causal
+        return (CAUSAL_ATTENTION if fast else implementation), None
+    if implementation in ("sdpa", "eager") and causal:
+        return implementation, padded_causal_mask(inputs.attention_mask, additive=implementation == "eager")
+    return implementation, inputs.attention_mask
 
 
 def _causal_only(config) -> bool:
@@ -538,8 +533,7 @@ def _full_logits_path(model, inputs: LogprobInputs, temperature: float, entropy_
     """The plain computation (full logits of the completion positions), for models whose head is not a Linear."""
     length, end = inputs.completion_width, inputs.input_ids.shape[1] - inputs.trailing_cols
     config = getattr(model, "module", model).config
-    implementation = _attention_implementation(inputs, config)
-    mask = _model_mask(inputs, implementation, config)
+    implementation, mask = _attention_and_mask(inputs, config)
     with _attention(config, implementation):
         logits = model(
             input_ids=inputs.input_ids, attention_mask=mask, position_ids=inputs.position_ids, logits_to_keep=length + 1 + inputs.trailing_cols

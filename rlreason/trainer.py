@@ -496,11 +496,11 @@ class Trainer:
         and sent to the device without waiting for it: once a step, for the frozen passes and the updates."""
         tr, out = self.config.train, []
         for rows in self._micro_batches(len(rollout.texts)):
-            prompt_ids, prompt_mask, completion_mask = rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_mask[rows]
+            prompt_mask, completion_mask = rollout.prompt_mask[rows], rollout.completion_mask[rows]
             first = int((prompt_mask.sum(dim=0) > 0).nonzero()[0])
             width = max(int(completion_mask.sum(dim=1).max()), 1)
             inputs = logprob_inputs(
-                prompt_ids[:, first:], prompt_mask[:, first:], rollout.completion_ids[rows, :width],
+                rollout.prompt_ids[rows, first:], prompt_mask[:, first:], rollout.completion_ids[rows, :width],
                 completion_mask[:, :width], packing=tr.packing, shared_prompt=tr.shared_prompt,
                 # train.cuda_graphs: one graph per 64-token bucket of row widths, padding columns after the completions
                 width_multiple=64 if tr.cuda_graphs else 1, pad_id=self.tokenizer.pad_token_id,

@@ -135,8 +135,7 @@ def test_compiled_decoder_gives_the_same_loss_and_gradients(tmp_path):
 
 def _explicit_2d_mask(monkeypatch):
     """The computation as it was before masks were left out: the model's own attention and the 2-d mask."""
-    monkeypatch.setattr(lp_module, "_attention_implementation", lambda inputs, config: config._attn_implementation)
-    monkeypatch.setattr(lp_module, "_model_mask", lambda inputs, implementation, config: inputs.attention_mask)
+    monkeypatch.setattr(lp_module, "_attention_and_mask", lambda inputs, config: (config._attn_implementation, inputs.attention_mask))
 
 
 def _spy_model_masks(model):
