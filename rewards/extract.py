@@ -6,7 +6,9 @@ Policy; each rule closes a reward hack or a way to be misread:
 - At most one ``<answer>...</answer>`` block: several blocks (a hedge) or an unclosed one mean no answer.
 - In the answer region, ``\boxed{}`` wins; several boxes must hold the same text (different boxes are a
   hedge) and a box left open (a truncated completion) means no answer. Nesting is parsed in one linear pass.
-- Else the last "the answer is X" / "final answer: X" phrase; else the whole answer block; else, without
+- Else the last "the answer is X" / "final answer: X" phrase: the formula right after it (``$...$``, ``\(...\)``,
+  ...) when there is one, so "The final answer is $28$. I hope it is correct." gives ``$28$``, else the rest of
+  its line; else the whole answer block; else, without
   an answer block, the last standalone number on the last line that has a digit (an untrained model
   answering in prose). A number glued to an operator (``9**9``, ``2^10``) is not standalone.
 - Digits are ASCII ``0-9`` only: fullwidth, Arabic-Indic or superscript look-alikes are not digits.
@@ -18,7 +20,8 @@ from __future__ import annotations
 import re
 
 _BRACES = re.compile(r"\\[{}]|\\boxed\s*\{|\\fbox\s*\{|[{}]")
-_ANSWER_PHRASE = re.compile(r"(?:final answer|the answer)\s*(?:is\b|:)\s*:?\s*(?P<answer>[^\n]+)", re.IGNORECASE)
+_ANSWER_PHRASE = re.compile(r"(?:final answer|the answer)\s*(?:is\b|:)\s*:?\s*", re.IGNORECASE)
+_LEADING_MATH = re.compile(r"\$\$.+?\$\$|\$.+?\$|\\\(.+?\\\)|\\\[.+?\\\]", re.DOTALL)
 _STANDALONE_NUMBER = re.compile(r"(?<![\w.*^/+\-])[+-]?[0-9]+(?:\.[0-9]+)?(?:/[0-9]+)?(?![\w*^/+\-]|\.[0-9])",
                                 re.ASCII)
 _THOUSANDS = re.compile(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))")
@@ -82,6 +85,13 @@ def _last_number(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
+def _phrase_answer(rest: str) -> str | None:
+    """What follows the last answer phrase: the formula it opens with, else the rest of its line."""
+    formula = _LEADING_MATH.match(rest)
+    answer = formula.group() if formula else rest.split("\n", 1)[0]
+    return answer.strip().rstrip(".").strip() or None
+
+
 def final_answer(text: str) -> str | None:
     """The completion's final answer under the policy above, stripped; None when it has none."""
     region, tagged = answer_region(text)
@@ -93,9 +103,9 @@ def final_answer(text: str) -> str | None:
     if boxes:
         distinct = {"".join(box.split()) for box in boxes}
         return boxes[-1].strip() if len(distinct) == 1 else None
-    phrases = _ANSWER_PHRASE.findall(region)
+    phrases = list(_ANSWER_PHRASE.finditer(region))
     if phrases:
-        return phrases[-1].strip().rstrip(".").strip() or None
+        return _phrase_answer(region[phrases[-1].end():])
     if tagged:
         return region.strip() or None
     return _last_number(region)

@@ -9,9 +9,13 @@ math and exact-match rewards return None on it even though it has an ``answer``.
 
 ``logic_accuracy`` scores the content of the completion's single visible ``<answer>`` block (the format
 reasoning-gym's prompts ask for; rewards.extract states the policy) with
-``reasoning_gym.get_score_answer_fn(dataset)(answer, entry)``, clamped to [0, 1]. The scorers of
-binary_matrix, n_queens, spiral_matrix and string_insertion ``eval()`` the answer and others hand it to sympy's
-``parse_expr``, so every scorer call runs in a sandbox job with a hard deadline, never in the trainer.
+``reasoning_gym.get_score_answer_fn(dataset)(answer, entry)``, clamped to [0, 1]. Every scorer call runs in a
+sandbox job with a hard deadline, never in the trainer. The scorers of binary_matrix, n_queens, spiral_matrix and
+string_insertion ``eval()`` the answer and countdown and puzzle24 hand it to sympy's ``parse_expr``: such a job
+would run the answer as code next to the secret that frames its verdict, so those answers are first parsed by a
+strict grammar in the trainer and the scorer sees only the canonical string re-built from the parsed data; an
+answer that does not parse scores 0, and families no grammar covers score 0 (rewards.answer_grammar has the
+family-by-family table).
 
 ``exact_match`` compares the final answer (rewards.extract) with ``answer`` after normalising case, runs of
 whitespace, surrounding ``$``/quotes, ``\\text{}`` and a trailing period.
@@ -25,6 +29,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from rewards.answer_grammar import canonical_answer
 from rewards.extract import answer_block, final_answer
 from rewards.registry import reward
 from rewards.sandbox import Job, Limits, SandboxPool, shared_pool
@@ -55,6 +60,13 @@ def _clamp(results: list[Any]) -> float:
     return min(max(score, 0.0), 1.0) if isinstance(score, float) and math.isfinite(score) else 0.0
 
 
+def _scorer_input(sample: dict[str, Any], answer: str | None) -> str | None:
+    """What the family's scorer is handed for ``answer``; None when the answer scores 0 without it."""
+    if answer is None or len(answer) > MAX_ANSWER_CHARS:
+        return None
+    return canonical_answer(sample["dataset"], answer, str(sample.get("answer")))
+
+
 def reasoning_gym_scores(completions: list[str], samples: list[dict[str, Any]],
                          pool: SandboxPool | None = None) -> list[float | None]:
     """Each completion's reasoning-gym score, None for rows that are not reasoning-gym puzzles."""
@@ -64,9 +76,9 @@ def reasoning_gym_scores(completions: list[str], samples: list[dict[str, Any]],
         if not is_reasoning_gym_row(sample):
             scores.append(None)
             continue
-        answer = answer_block(text)
+        answer = _scorer_input(sample, answer_block(text))
         scores.append(0.0)
-        if answer is not None and len(answer) <= MAX_ANSWER_CHARS:
+        if answer is not None:
             entry = {key: sample.get(key) for key in ("question", "answer", "metadata")}
             args = {"dataset": sample["dataset"], "entry": entry, "answer": answer}
             jobs.append((i, Job("rewards.logic:score_job", args, LIMITS)))

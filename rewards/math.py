@@ -6,7 +6,8 @@ rows (rewards.logic scores those); returns None elsewhere.
 Decision path, cheapest first:
 1. The final answer under the rewards.extract policy (outside <think>, one answer block, one distinct box,
    ASCII digits). None, longer than MAX_ANSWER_CHARS, or hedged ("3 or 4" when the gold has no "or"): 0.
-2. Plain integers, decimals and fractions on both sides compare exactly in-process, so the arithmetic task
+2. Both sides are normalised (``normalise``: ``\$`` is a currency sign, ``1\,000`` and ``1 000`` are 1000).
+   Plain integers, decimals and fractions on both sides then compare exactly in-process, so the arithmetic task
    never pays for a process round-trip.
 3. Anything else goes to math-verify (sympy) in a sandboxed worker: LaTeX, percentages (``10\%`` equals 10
    and 0.1), sets and intervals, symbolic equality. math-verify's own timeouts rely on SIGALRM and have let
@@ -29,6 +30,7 @@ MAX_ANSWER_CHARS = 1000
 LIMITS = Limits(timeout_s=5.0, memory_mb=1024, processes=4, output_bytes=1 << 16)
 PARSE_TIMEOUT_S = 2  # math-verify's own (soft) timeouts, inside the hard deadline of LIMITS
 VERIFY_TIMEOUT_S = 2
+_DIGIT_GROUP = re.compile(r"(?<=[0-9])(?: |\\,|\\ |~|\{,\})(?=[0-9]{3}(?![0-9]))", re.ASCII)
 _PLAIN_NUMBER = re.compile(r"[+-]?[0-9]{1,100}(?:\.[0-9]{1,100})?(?:/[0-9]{1,100})?", re.ASCII)
 
 
@@ -68,8 +70,20 @@ def warm_up() -> None:
         list(verify_job(gold, answer))
 
 
+def normalise(text: str) -> str:
+    r"""``text`` without ``\$`` and with digit groups joined (``1 000``, ``1\,000``, ``14{,}916``).
+
+    An escaped dollar is a currency sign, so ``\$18.90`` is 18.90 (read as a math delimiter it would leave ``\``
+    and open a formula that never closes). Only groups of exactly three digits are joined: ``12 34`` stays two
+    numbers, and a comma is never a decimal point (``1,234`` is 1234).
+    """
+    return _DIGIT_GROUP.sub("", text.replace("\\$", ""))
+
+
 def _quick_score(answer: str | None, gold: str) -> float | Job:
     """A score decided without math-verify, or the sandbox job that decides it."""
+    gold = normalise(gold)
+    answer = None if answer is None else normalise(answer)
     if answer is None or len(answer) > MAX_ANSWER_CHARS or (is_hedged(answer) and not is_hedged(gold)):
         return 0.0
     predicted, expected = parse_number(answer), parse_number(gold)

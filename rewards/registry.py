@@ -2,7 +2,7 @@
 
 A reward is ``fn(completions, samples) -> list[float | None]``: one score per completion, ``None`` where
 the reward does not apply to that sample (e.g. a math reward on a code row). Configs refer to rewards by a
-registered name, by ``package.module:function``, or by an entry point in the group ``rlreason.rewards``, so a
+registered name, by ``package.module:function`` (a module in the working directory included), or by an entry point in the group ``rlreason.rewards``, so a
 user's reward never needs a change to this package.
 """
 
@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import pkgutil
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from types import ModuleType
 from typing import Any
 
 RewardFn = Callable[[list[str], list[dict[str, Any]]], list[float | None]]
@@ -56,10 +59,27 @@ def _load_builtins() -> None:
         _builtins_loaded = True
 
 
+def import_from_cwd(module_name: str) -> ModuleType:
+    """Import ``module_name``, finding a top-level module in the working directory as ``python -m`` would.
+
+    A console script (``rlreason train``) starts without the working directory on ``sys.path``, so a user's
+    ``my_rewards.py`` next to their config would not be found. The directory is appended, not put first, and only
+    when the module is found nowhere else, so it never shadows an installed package.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        if exc.name != module_name.partition(".")[0] or cwd in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(module_name)
+
+
 def _from_import_path(spec: str) -> RewardFn:
     module_name, _, attr = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = import_from_cwd(module_name)
     except ImportError as exc:
         raise KeyError(f"reward {spec!r}: cannot import module {module_name!r} ({exc})") from exc
     fn = getattr(module, attr, None)
@@ -88,6 +108,11 @@ def get_reward(name: str) -> RewardFn:
     close = difflib.get_close_matches(name, reward_names(), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise KeyError(f"unknown reward {name!r}{hint} (known: {', '.join(reward_names())})")
+
+
+def registered_name(fn: RewardFn) -> str | None:
+    """The name ``fn`` was registered under with ``@reward``, if it was."""
+    return next((name for name, registered in _REWARDS.items() if registered is fn), None)
 
 
 def required_fields(name: str) -> tuple[str, ...]:

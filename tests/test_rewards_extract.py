@@ -24,6 +24,9 @@ from rewards.extract import answer_block, boxed_contents, final_answer, is_hedge
         ("\\boxed{\\boxed{5}}", "\\boxed{5}"),
         ("\\fbox{5}", "5"),
         ("\\boxed{5} and again \\boxed{ 5 }", "5"),
+        ("Final Answer: The final answer is $28 \\%$. I hope it is correct. Note: it was 27 once.", "$28 \\%$"),
+        ("The answer is \\(7\\), since 3 + 4 = 7.", "\\(7\\)"),
+        ("the answer is 3. Then the answer is 4.", "4"),
     ],
 )
 def test_final_answer(text, expected):

@@ -61,6 +61,23 @@ def test_math_verify_equivalences():
     assert score_answers(answers, golds) == [1.0] * len(EQUIVALENT) + [0.0] * len(DIFFERENT)
 
 
+@pytest.mark.parametrize(("answer", "gold"), [("\\$18.90", "18.90"), ("18.90", "\\$18.90"), ("\\$18.90", "\\$18.90"),
+                                           ("\\$\\frac{1}{2}", "0.5")])
+def test_an_escaped_dollar_is_a_currency_sign_not_a_math_delimiter(answer, gold):
+    assert score_answers([answer], [gold]) == [1.0]
+    assert score_answers([answer], ["18.91"]) == [0.0]
+
+
+@pytest.mark.parametrize(("answer", "gold"), [("1 000", "1000"), ("1\\,000", "1000"), ("14{,}916", "14916"),
+                                           ("1000000", "1 000 000")])
+def test_digit_groups_of_three_split_by_spaces_are_one_number(answer, gold):
+    assert score_answers([answer], [gold], pool=NoPool()) == [1.0]
+
+
+def test_digits_split_otherwise_are_not_joined():
+    assert score_answers(["12 34", "1 0000"], ["1234", "10000"]) == [0.0, 0.0]
+
+
 def test_reward_applies_to_rows_with_an_answer_only():
     completions = ["<answer>68</answer>"] * 4
     samples = [

@@ -6,13 +6,14 @@ import pytest
 
 from rewards import get_reward
 from tasks import load_task
-from tasks.logic import LOGIC_FAMILIES
-from tasks.registry import task_rewards
+from tasks.logic import LOGIC_FAMILIES, register_family
+from tasks.registry import task_names, task_rewards
 
 # Small configurations keep the slow generators (zebra puzzles) fast.
 QUICK = {"zebra_puzzles": {"num_people": 3, "num_characteristics": 3}}
-# reasoning-gym's countdown scorer gives 0.01 to any answer that misses (0.05 to one using the right numbers).
-WRONG_SCORE = {"countdown": 0.01}
+# reasoning-gym's countdown scorer gives 0.01 to any answer that misses, but one outside the arithmetic grammar
+# never reaches it and scores 0.
+WRONG_SCORE = {"countdown": 0.0}
 
 
 def verdicts(name, rows, answers):
@@ -51,3 +52,9 @@ def test_a_small_puzzle_space_is_deduplicated_not_repeated():
             "allow_negation": False, "allow_parentheses": False}  # fmt: skip
     with pytest.raises(ValueError, match="distinct eval puzzles"):
         load_task("basic_arithmetic", "eval", 40, **tiny)
+
+
+def test_a_family_scored_by_evaluating_symbolic_answers_is_refused():
+    with pytest.raises(ValueError, match="^simple_integration: .*cannot be scored safely"):
+        register_family("simple_integration")
+    assert "simple_integration" not in task_names()
