@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from reasoning_gym import create_dataset  # noqa: E402
 
-from rewards.code import PRELOAD, pass_fractions  # noqa: E402
+from rewards.code import PRELOAD, function_tests_job, pass_fractions  # noqa: E402
 from rewards.logic import reasoning_gym_scores  # noqa: E402
 from rewards.math import score_answers  # noqa: E402
-from rewards.sandbox import Job, SandboxPool  # noqa: E402
+from rewards.sandbox import SandboxPool  # noqa: E402
 
 
 def rate(label: str, count: int, run: Callable[[], object]) -> float:
@@ -36,7 +36,7 @@ def rate(label: str, count: int, run: Callable[[], object]) -> float:
 def started_pool(preload: tuple[str, ...], workers: int) -> SandboxPool:
     pool = SandboxPool(preload, workers=workers)
     started = time.perf_counter()
-    pool.map([Job("rewards.harness:function_tests", {"program": "", "tests": []})] * workers)
+    pool.map([function_tests_job("", [])] * workers)
     print(f"{'  start-up of ' + str(workers) + ' zygotes preloading ' + (preload[0] if preload else '-'):<58}"
           f" {time.perf_counter() - started:>9.2f} s")
     return pool
@@ -66,12 +66,12 @@ def main() -> None:
 
     print("\ncode_tests")
     code_pool = started_pool(PRELOAD, args.workers)
-    trivial = [Job("rewards.harness:function_tests", {"program": "def f(x):\n    return x\n", "tests": ["assert f(1) == 1"]})]
+    trivial = [function_tests_job("def f(x):\n    return x\n", ["assert f(1) == 1"])]
     outcomes = []
     seconds = rate(f"  sandbox executions, {args.workers} workers (trivial program, 1 test)", n,
                    lambda: outcomes.extend(code_pool.map(trivial * n)))
     overhead = sum(o.seconds for o in outcomes) / len(outcomes)
-    print(f"{'  per-execution overhead (fork, namespaces, tmpfs, report)':<58} {overhead * 1000:>9.1f} ms")
+    print(f"{'  per-execution overhead (judge + candidate processes)':<58} {overhead * 1000:>9.1f} ms")
     print(f"{'  wall time per execution per worker':<58} {seconds / n * args.workers * 1000:>9.1f} ms")
     program = "<answer>\n```python\ndef add(a, b):\n    return a + b\n```\n</answer>"
     sample = {"tests": [f"assert add({i}, 1) == {i + 1}" for i in range(10)]}

@@ -1,11 +1,13 @@
 """Code rewards: run the program in a completion against the sample's tests, in the sandbox.
 
 Sample fields (a row with neither ``tests`` nor ``io_tests`` scores None):
-- ``tests``: str or list[str]. Each string is one test: Python code run after the program, in a copy of the
-  program's namespace, that raises when the program is wrong. Asserts (``"assert add(1, 2) == 3"``), or a
-  HumanEval ``check`` definition followed by ``check(<entry_point>)``. A single string is a single test; a
-  list gives a pass-rate signal per test. Within one dataset, use one type for every row (Arrow columns
-  have one type).
+- ``tests``: str or list[str]. Each string is one test: Python code that raises when the program is wrong.
+  Asserts (``"assert add(1, 2) == 3"``), or a HumanEval ``check`` definition followed by
+  ``check(<entry_point>)``. Tests run in a judge process that never runs the program: a name a test uses
+  without defining it calls the program's function of that name in its own sandboxed process, with plain
+  data both ways (``rewards.harness`` says what that allows and what not). A single string is a single
+  test; a list gives a pass-rate signal per test. Within one dataset, use one type for every row (Arrow
+  columns have one type).
 - ``io_tests``: list of ``{"input": str, "output": str}``: the program reads stdin and must print the output;
   compared line by line, surrounding whitespace and trailing blank lines ignored. Each case is one test.
 - ``timeout``: float, optional: seconds for the program plus all its ``tests``, and for each io case
@@ -16,7 +18,9 @@ The program is the last fenced code block (```python, ```py or bare ```) of the 
 is the program; otherwise there is no program and the score is 0.
 
 Rewards: ``code_tests`` (fraction of the row's tests passed) and ``code_tests_all`` (1.0 only if all passed).
-``tests`` and ``io_tests`` of one completion are two sandbox jobs; the jobs of a batch run in parallel.
+``tests`` and ``io_tests`` of one completion are two sandbox jobs (each a judge and a candidate process); the
+jobs of a batch run in parallel, within the batch deadline the scorer sets (rewards.sandbox): a completion
+whose job is killed at the deadline, or never started, keeps what its tests had passed by then.
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ from typing import Any
 
 from rewards.extract import answer_region
 from rewards.registry import reward
-from rewards.sandbox import Job, Limits, Outcome, SandboxPool, shared_pool
+from rewards.sandbox import Candidate, Job, Limits, Outcome, SandboxPool, shared_pool
 
 DEFAULT_TIMEOUT_S = 10.0
 OUTPUT_BYTES = 1 << 20
-# modules a test is likely to import, loaded before the program so that their attributes are restored after it
-PRELOAD = ("rewards.harness", "math", "re", "collections", "itertools", "functools", "heapq", "bisect", "string",
-           "random", "copy", "fractions", "decimal", "statistics", "typing", "json", "unittest")
+# modules a test or program is likely to import, imported once in the zygote instead of in every job
+PRELOAD = ("rewards.harness", "rewards.candidate", "math", "re", "collections", "itertools", "functools", "heapq",
+           "bisect", "string", "random", "copy", "fractions", "decimal", "statistics", "typing", "json", "unittest")
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
@@ -65,23 +69,29 @@ def count_tests(sample: dict[str, Any]) -> int:
     return len(_test_programs(sample)) + len(sample.get("io_tests") or ())
 
 
+def function_tests_job(program: str, tests: list[str], limits: Limits | None = None) -> Job:
+    """The sandbox job that runs ``tests`` in a judge against ``program`` in its candidate process."""
+    return Job("rewards.harness:function_tests", {"tests": tests}, limits or Limits(),
+               Candidate("rewards.candidate:serve", {"program": program}))
+
+
 def _jobs(program: str, sample: dict[str, Any]) -> list[Job]:
     timeout = float(sample.get("timeout") or DEFAULT_TIMEOUT_S)
     jobs = []
     if _test_programs(sample):
-        args = {"program": program, "tests": _test_programs(sample)}
-        jobs.append(Job("rewards.harness:function_tests", args, Limits(timeout_s=timeout)))
+        jobs.append(function_tests_job(program, _test_programs(sample), Limits(timeout_s=timeout)))
     cases = sample.get("io_tests") or ()
     if cases:
         args = {"program": program, "inputs": [case["input"] for case in cases], "case_timeout_s": timeout,
                 "output_bytes": OUTPUT_BYTES}
         limits = Limits(timeout_s=timeout * len(cases) + 1, output_bytes=OUTPUT_BYTES * (len(cases) + 1))
-        jobs.append(Job("rewards.harness:io_tests", args, limits))
+        jobs.append(Job("rewards.harness:io_relay", {"cases": len(cases)}, limits,
+                        Candidate("rewards.candidate:io_outputs", args)))
     return jobs
 
 
 def _passed(sample: dict[str, Any], outcomes: list[Outcome]) -> int:
-    """Tests passed, from what the parent trusts: nonce-framed verdicts, and outputs compared here."""
+    """Tests passed, from what the parent trusts: the judge's nonce-framed verdicts, and outputs compared here."""
     passed, outcomes = 0, iter(outcomes)
     if _test_programs(sample):
         passed += sum(result is True for result in next(outcomes).results[:len(_test_programs(sample))])

@@ -1,67 +1,88 @@
-"""Runs inside a sandbox job: executes a model-written program against its tests, one verdict per test.
+"""The judge's side of a code job: runs a row's tests and decides each verdict; never runs model-written code.
 
-- ``function_tests``: test programs (assert statements, or a HumanEval ``check`` followed by
-  ``check(entry_point)``), each run in the job process after the program, in its own copy of the program's
-  namespace; yields True/False per test.
-- ``io_tests``: the program runs once per input in a forked child with stdin fed from memory; yields the
-  captured stdout (None on crash, timeout or overflow). The parent compares it with the expected output,
-  which never enters the sandbox.
+A code job is two sandbox processes (``rewards.zygote``): the candidate (``rewards.candidate``), which runs
+the program, and this judge, which holds the tests and the verdict channel (its stdout, nonce-framed). The
+candidate is forked before the judge's request reaches any process it descends from, so it never sees the
+tests, their expected values or the nonce, and it shares no memory, files or PID namespace with the judge.
+They talk over a pair of pipes in plain data only (``rewards.wire``: exact built-in types, size and depth caps).
+
+- ``function_tests``: each test program (assert statements, or a HumanEval ``check`` followed by
+  ``check(entry_point)``) runs here, in a fresh namespace holding only what the test defines and imports.
+  A name the test uses but does not define is the builtin of that name if there is one (even where the
+  program defines its own ``abs``), else the standard-library module of that name (a test may use ``math``
+  that only the program imported), else a proxy: calling it calls the program's function of that name in
+  the candidate, with plain-data arguments, and returns its plain-data result.
+  HumanEval's ``check(candidate)`` thus receives the proxy. A candidate function that raises an Exception
+  makes the proxy raise the nearest built-in exception class (``assertRaises``-style tests work; the message
+  is not kept); SystemExit and the like, a dead candidate, or an answer that is not plain data raise
+  CandidateError, which no ``except Exception`` catches. A function that mutates a list, dict, set or bytearray
+  argument has the new contents written back into the caller's object (nested objects are replaced, not
+  updated in place; other side effects are not seen). Yields True/False per test.
+- ``io_relay``: the candidate runs the program once per input and sends each captured stdout; this relays
+  them (str or None) to the trainer, which compares them with the expected outputs it alone holds.
 
 Defences against programs written to pass rather than to be right (each a reward hack seen in RL runs):
-- every value a test compares, negates or asserts on must be plain data (exact built-in types, recursively),
-  so an object whose ``__eq__`` always returns True fails the test instead of passing it;
-- builtins and the attributes of modules loaded before the program are restored before the tests run, and
-  tracing hooks are cleared, so replacing ``abs`` or ``math.isclose`` does not change what tests compute;
-- tests run after the program, so a program defining its own ``check`` is overridden;
-- any exception in a test (SystemExit, SkipTest, KeyboardInterrupt...) fails that test; a program that exits
-  or crashes before the tests run yields nothing, which scores 0; no test framework is involved, so a
-  ``conftest.py`` or a patched runner has nothing to act on.
-What remains: function tests run in-process with the program, so code that deliberately walks the harness's
-frames could still forge verdicts. The sandbox keeps such code away from everything else.
+- verdicts come only from this process, which the candidate cannot reach: frame or ``gc`` walks, patched
+  builtins, modules or harness functions, tracing hooks and forged output lines all act on the candidate's
+  own process, where there is no verdict to change;
+- only plain data crosses, so an object whose ``__eq__`` always returns True never reaches a comparison, and
+  every value a test compares, negates or asserts on is still checked to be plain data; a result that is
+  not plain data fails its test whatever the test catches;
+- the tests use their own helpers: the program's ``check`` or ``abs`` are never called by the judge;
+- any exception in a test (SystemExit, SkipTest...) fails that test; a program that exits or crashes before
+  it says it ran yields nothing, which scores 0; no test framework is involved, so a ``conftest.py`` or a
+  patched runner has nothing to act on.
+What is not covered: tests that need the program's objects other than plain data (instances of classes it
+defines, generators, functions passed back) fail, as they cannot cross; a program may still read a row's
+tests from its prompt, and a test that calls a function the prompt defines (HumanEval/32's ``poly``) calls
+the program's version of it.
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
-import contextlib
-import ctypes
-import os
-import select
-import signal
+import importlib
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from rewards.candidate import MUTABLE
+from rewards.wire import WireError, receive, send
+
 GUARD = "__rlreason_plain__"
-PR_SET_DUMPABLE = 4
 _SCALARS = (int, float, complex, str, bytes, bytearray, bool, type(None), type, range)
 _CONTAINERS = (list, tuple, set, frozenset)
 
 
+class CandidateError(BaseException):
+    """The candidate is gone, exited, or answered out of protocol or with something that is not plain data.
+
+    A BaseException, so that it fails the test even under ``except Exception``, as the same happening in the
+    test's own process would.
+    """
+
+
 def _plain_guard() -> Callable[[Any], Any]:
-    """``guard(v)`` returns ``v`` when it is plain data, else raises; built from references taken now."""
-    type_of, id_of, extend = type, id, list.extend
+    """``guard(v)`` returns ``v`` when it is plain data, else raises."""
     scalar_ids = {id(t) for t in _SCALARS}
     container_ids = {id(t) for t in _CONTAINERS}
-    dict_keys, dict_values = dict.keys, dict.values
 
     def guard(value: Any) -> Any:
         stack, seen = [value], set()
         while stack:
             item = stack.pop()
-            kind = id_of(type_of(item))
-            if kind in scalar_ids or id_of(item) in seen:
+            kind = id(type(item))
+            if kind in scalar_ids or id(item) in seen:
                 continue
-            seen.add(id_of(item))
-            if kind == id_of(dict):
-                extend(stack, dict_keys(item))
-                extend(stack, dict_values(item))
+            seen.add(id(item))
+            if kind == id(dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
             elif kind in container_ids:
-                extend(stack, item)
+                stack.extend(item)
             else:
-                raise TypeError(f"a test compared a {type_of(item).__name__}, which is not plain data")
+                raise TypeError(f"a test compared a {type(item).__name__}, which is not plain data")
         return value
 
     return guard
@@ -106,116 +127,122 @@ def guarded(source: str, name: str) -> Any:
     return compile(tree, name, "exec")
 
 
-def _snapshot_modules() -> Callable[[], None]:
-    """Remember builtins, sys.modules and every loaded module's attributes; the result puts them back."""
-    modules = dict(sys.modules)
-    attributes = [(vars(m), dict(vars(m))) for m in modules.values() if hasattr(m, "__dict__")]
-    settrace, setprofile, module_table = sys.settrace, sys.setprofile, sys.modules
+def free_names(source: str) -> set[str]:
+    """Names ``source`` reads but never binds (by assignment, def, class, import, parameter or except)."""
+    tree = ast.parse(source)
+    loaded, bound = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar) and node.name:
+            bound.add(node.name)
+    return loaded - bound - set(dir(builtins))
 
-    def restore() -> None:
-        settrace(None)
-        setprofile(None)
-        module_table.update(modules)
-        for namespace, saved in attributes:
-            for key, value in saved.items():
-                if namespace.get(key) is not value:
-                    namespace[key] = value
 
-    return restore
+class _Candidate:
+    """The judge's end of the channel to the candidate process."""
+
+    def __init__(self, channel: tuple[int, int]) -> None:
+        self.replies, self.calls = channel
+        self.gone = False
+
+    def receive(self) -> dict[str, Any]:
+        try:
+            message = receive(self.replies)
+        except (EOFError, WireError) as exc:
+            self.gone = True
+            raise CandidateError(f"the candidate stopped answering: {exc}") from exc
+        if type(message) is not dict:
+            self.gone = True
+            raise CandidateError("the candidate answered out of protocol")
+        return message
+
+    def ready(self) -> bool:
+        try:
+            return self.receive().get("ready") is True
+        except CandidateError:
+            return False
+
+    def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.gone:
+            raise CandidateError("the candidate is gone")
+        send(self.calls, {"name": name, "args": list(args), "kwargs": kwargs})
+        reply = self.receive()
+        if "raised" in reply:
+            raise _exception(reply["raised"])
+        if "value" not in reply or type(reply.get("mutated")) is not list:
+            raise CandidateError(str(reply.get("unplain", "an answer out of protocol")))
+        _write_back(args, kwargs, reply["mutated"])
+        return reply["value"]
 
 
-def _passes(run: Callable[[], Any]) -> bool:
+def _exception(name: Any) -> BaseException:
+    found = getattr(builtins, name, None) if type(name) is str else None
+    if isinstance(found, type) and issubclass(found, Exception):
+        return found(f"raised in the candidate: {name}")
+    return CandidateError(f"the candidate raised {name!r}")
+
+
+def _write_back(args: tuple[Any, ...], kwargs: dict[str, Any], mutated: list[Any]) -> None:
+    """Put the candidate's post-call contents of mutable arguments into the judge's own objects."""
+    for item in mutated:
+        key, new = item if type(item) is list and len(item) == 2 else (None, None)
+        old = (args[key] if type(key) is int and 0 <= key < len(args)
+               else kwargs.get(key) if type(key) is str else None)
+        if type(old) not in MUTABLE or type(new) is not type(old):
+            raise CandidateError("mutated arguments out of protocol")
+        if type(old) is list or type(old) is bytearray:
+            old[:] = new
+        else:
+            old.clear()
+            old.update(new)
+
+
+def _proxy(candidate: _Candidate, name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return candidate.call(name, args, kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+def _resolve(candidate: _Candidate, name: str) -> Any:
+    if name in sys.stdlib_module_names:
+        return importlib.import_module(name)
+    return _proxy(candidate, name)
+
+
+def _passes(code: Any, env: dict[str, Any]) -> bool:
     try:
-        run()
+        exec(code, env)
     except BaseException:
         return False
     return True
 
 
-def function_tests(program: str, tests: Sequence[str]) -> Iterator[bool]:
-    """One verdict per test program (asserts, or a HumanEval ``check`` plus the call ``check(entry_point)``).
-
-    Everything the test loop uses is bound to locals before the program runs: the program's functions run
-    during the tests and could otherwise patch this module's globals between one test and the next.
-    """
-    exec_, passes, guard, guard_name, restore = exec, _passes, _plain_guard(), GUARD, _snapshot_modules()
-    compiled = [guarded(test, f"<test {i}>") for i, test in enumerate(tests)]
-    pristine = {**vars(builtins)}
-    namespace: dict[str, Any] = {"__name__": "__candidate__", "__builtins__": builtins}
-    if not passes(lambda: exec_(compile(program, "<program>", "exec"), namespace)):
+def function_tests(tests: Sequence[str], channel: tuple[int, int]) -> Iterator[bool]:
+    """One verdict per test program, once the candidate says its program ran."""
+    compiled = [(guarded(test, f"<test {i}>"), free_names(test)) for i, test in enumerate(tests)]
+    candidate = _Candidate(channel)
+    if not candidate.ready():
         return
-    for test in compiled:
-        restore()
-        env = {**namespace, "__builtins__": {**pristine}, guard_name: guard}
-        yield passes(lambda test=test, env=env: exec_(test, env))
+    guard = _plain_guard()
+    for code, names in compiled:
+        env = {"__builtins__": builtins, GUARD: guard, **{n: _resolve(candidate, n) for n in names}}
+        yield _passes(code, env)
 
 
-# ---------------------------------------------------------------- stdin/stdout programs
-
-def _run_main(code: Any) -> int:
-    """The child's side of one io case: run the program as __main__, flush, report success as exit status."""
-    try:
-        exec(code, {"__name__": "__main__", "__builtins__": builtins})
-        status = 0
-    except SystemExit as exit_:
-        value = exit_.code  # compared without calling any method an untrusted object could override
-        status = 0 if value is None or (type(value) is int and int.__eq__(value, 0)) else 1
-    except BaseException:
-        status = 1
-    try:
-        sys.stdout.flush()
-    except BaseException:
-        status = 1
-    return status
-
-
-def _read_until(fd: int, deadline: float, cap: int) -> bytes | None:
-    chunks, size = [], 0
-    while (remaining := deadline - time.monotonic()) > 0:
-        if not select.select([fd], [], [], remaining)[0]:
-            break
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > cap:
-            break
-    return None
-
-
-def _run_case(code: Any, stdin: str, timeout_s: float, output_bytes: int) -> str | None:
-    stdin_fd = os.memfd_create("stdin")
-    os.write(stdin_fd, stdin.encode())
-    os.lseek(stdin_fd, 0, os.SEEK_SET)
-    out_r, out_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.setpgid(0, 0)
-        os.dup2(stdin_fd, 0)
-        os.dup2(out_w, 1)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-        os.closerange(3, 65536)  # nothing of the harness's (results pipe included) stays reachable
-        os._exit(_run_main(code))
-    os.close(stdin_fd)
-    os.close(out_w)
-    output = _read_until(out_r, time.monotonic() + timeout_s, output_bytes)
-    os.close(out_r)
-    with contextlib.suppress(ProcessLookupError):  # as PID-namespace init, kill(-1) reaches all the case left
-        os.kill(-1, signal.SIGKILL) if os.getpid() == 1 else os.killpg(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    if output is None or os.waitstatus_to_exitcode(status) != 0:
-        return None
-    return output.decode(errors="replace")
-
-
-def io_tests(program: str, inputs: Sequence[str], case_timeout_s: float, output_bytes: int) -> Iterator[str | None]:
-    """The program's stdout for each input, or None where it crashed, timed out or printed too much."""
-    try:
-        code = compile(program, "<program>", "exec")
-    except (SyntaxError, ValueError):
-        return
-    ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # cases cannot ptrace or read the harness's memory
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # nor interrupt it (init only gets signals it handles)
-    for text in inputs:
-        yield _run_case(code, text, case_timeout_s, output_bytes)
+def io_relay(cases: int, channel: tuple[int, int]) -> Iterator[str | None]:
+    """The candidate's stdout for each of ``cases`` inputs (None where it was not a string)."""
+    for _ in range(cases):
+        try:
+            output = receive(channel[0])
+        except (EOFError, WireError):
+            return
+        yield output if type(output) is str else None

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from rewards.code import code_pool, pass_fractions
+from rewards.code import code_pool, function_tests_job, pass_fractions
 from rewards.format import think_format
 from rewards.math import math_accuracy
-from rewards.sandbox import Job, Limits
+from rewards.sandbox import Limits
 from rewards.zygote import JOB_UID_BASE
 
 TIMEOUT_S = 1.5
@@ -65,7 +65,7 @@ def assert_unharmed() -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def strong() -> None:
-    outcome = code_pool().run(Job("rewards.harness:function_tests", {"program": GOOD, "tests": TESTS}))
+    outcome = code_pool().run(function_tests_job(GOOD, TESTS))
     assert code_pool().strong, "the hostile suite only runs under strong isolation"
     assert outcome.results == [True, True]
 
@@ -187,9 +187,7 @@ def test_environment_secrets_do_not_reach_the_job(monkeypatch):
         f" *glob.glob('/proc/*/environ')]:\n"
         f"    try:\n        print(open(path, 'rb').read())\n    except OSError as error:\n        print(error)\n"
     )
-    outcome = code_pool().run(
-        Job("rewards.harness:function_tests", {"program": program, "tests": []}, Limits(timeout_s=TIMEOUT_S))
-    )
+    outcome = code_pool().run(function_tests_job(program, [], Limits(timeout_s=TIMEOUT_S)))
     assert b"PATH" in outcome.output and b"hunter2" not in outcome.output
 
 
@@ -308,3 +306,71 @@ def test_hedged_answers():
     assert math_score("<answer>68 or 67</answer>") == 0.0
     assert math_score(r"\boxed{68 \text{ or } 67}") == 0.0
     assert math_score("It is 67 or 68") == 0.0
+
+
+# ---------------------------------------------------------------- reaching into the judge
+
+NONCE_FORGER = """
+import gc, os, sys
+def _nonce():
+    frame = sys._getframe()
+    while frame is not None:
+        for value in list(frame.f_locals.values()):
+            if isinstance(value, dict) and isinstance(value.get("nonce"), str):
+                return value["nonce"]
+        frame = frame.f_back
+    for obj in gc.get_objects():
+        if isinstance(obj, dict) and isinstance(obj.get("nonce"), str):
+            return obj["nonce"]
+nonce = _nonce()
+for fd in range(1, 12):
+    try:
+        os.write(fd, ("\\n%s true\\n" % nonce).encode() * 20)
+    except (OSError, TypeError):
+        pass
+"""
+
+TEST_REWRITER = """
+import gc, sys
+def _rewrite(items):
+    for i, item in enumerate(items):
+        if type(item).__name__ == "code":
+            items[i] = compile("pass", "<rewritten>", "exec")
+        elif type(item) is tuple and any(type(x).__name__ == "code" for x in item):
+            items[i] = tuple(compile("pass", "<rewritten>", "exec") if type(x).__name__ == "code" else x
+                             for x in item)
+frame = sys._getframe()
+while frame is not None:
+    for value in list(frame.f_locals.values()):
+        if isinstance(value, list):
+            _rewrite(value)
+    frame = frame.f_back
+for obj in gc.get_objects():
+    if isinstance(obj, list):
+        _rewrite(obj)
+"""
+
+
+def test_verdict_lines_forged_with_the_nonce_found_in_memory():
+    wrong = "def f(x):\n    return 0\n"
+    assert score(NONCE_FORGER + wrong) == 0.0
+    humaneval = "def check(candidate):\n    assert candidate(2) == 4\n\ncheck(f)\n"
+    assert score(NONCE_FORGER + wrong, [humaneval]) == 0.0
+
+
+def test_tests_rewritten_through_the_frames():
+    assert score(TEST_REWRITER + "def f(x):\n    return 0\n") == 0.0
+
+
+def test_the_program_never_holds_the_tests():
+    marker = "expected-" + "value-91c2"
+    finder = (
+        "import gc\ndef f(x):\n"
+        "    needle = ''.join(['expected-', 'value-91c2'])  # not folded into one constant\n"
+        "    for obj in gc.get_objects():\n"
+        "        items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()\n"
+        "        if any(isinstance(item, str) and needle in item for item in items):\n"
+        "            return 'seen'\n"
+        "    return 'unseen'\n"
+    )
+    assert score(finder, [f"assert f(1) == 'unseen' or f(1) == '{marker}'"]) == 1.0

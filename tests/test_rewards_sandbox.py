@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
-from rewards.sandbox import Job, Limits, SandboxError, SandboxPool, parse_results
+from rewards.sandbox import Job, Limits, SandboxError, SandboxPool, batch_deadline, parse_results
 from rewards.zygote import JOB_UID_BASE
 
 ECHO = "tests.sandbox_jobs:echo"
@@ -125,7 +129,7 @@ def test_weak_mode_runs_jobs_and_refuses_sockets():
 def test_bad_isolation_mode_and_missing_namespaces(monkeypatch):
     with pytest.raises(ValueError, match="isolation"):
         SandboxPool(isolation="none")
-    refuse = "def refuse(hide):\n    raise OSError(1, 'refused')"
+    refuse = "def refuse(hide, import_path):\n    raise OSError(1, 'refused')"
     monkeypatch.setattr("rewards.sandbox._BOOT", boot_with(f"exec({refuse!r}); z.isolate = refuse"))
     strict = SandboxPool(workers=1)
     with pytest.raises(SandboxError, match="namespaces unavailable.*RLREASON_SANDBOX=fallback"):
@@ -135,3 +139,61 @@ def test_bad_isolation_mode_and_missing_namespaces(monkeypatch):
         assert fallback.run(Job(ECHO, {"items": [True]})).results == [True] and fallback.strong is False
     finally:
         fallback.close()
+
+
+def test_map_shares_a_deadline_and_reports_what_it_did_not_run(pool):
+    pool.map([Job(ECHO, {"items": []})] * 2)
+    started = time.monotonic()
+    hanging, quick = Job(ECHO, {"items": [True], "sleep": 100}), Job(ECHO, {"items": [1.0]})
+    outcomes = pool.map([hanging, hanging, quick, quick, hanging, quick], deadline=started + 1.5)
+    assert time.monotonic() - started < 2.5
+    assert [o.status for o in outcomes] == ["timeout", "timeout", "ok", "ok", "timeout", "ok"]
+    assert [o.results for o in outcomes] == [[True], [True], [1.0], [1.0], [True], [1.0]]
+    late = pool.map([quick] * 3, deadline=time.monotonic())
+    assert [(o.status, o.results) for o in late] == [("timeout", [])] * 3
+
+
+def test_batch_deadline_reaches_map(pool):
+    with batch_deadline(0.5):
+        [outcome] = pool.map([Job(ECHO, {"items": [True], "sleep": 100})])
+    assert outcome.status == "timeout" and outcome.results == [True] and outcome.seconds < 1.5
+
+
+def test_import_path_under_tmp_stays_visible(monkeypatch):
+    site = Path(tempfile.mkdtemp(prefix="rlreason-site-", dir="/tmp"))  # as ``pip install --target`` makes it
+    site.chmod(0o755)
+    try:
+        (site / "rlreason_probe.py").write_text(
+            "def probe():\n    import rlreason_probe_data\n    yield rlreason_probe_data.VALUE\n"
+        )
+        (site / "rlreason_probe_data.py").write_text("VALUE = 'found'\n")
+        monkeypatch.syspath_prepend(str(site))
+        fresh = SandboxPool(preload=("rlreason_probe",), workers=1)
+        try:
+            assert fresh.run(Job("rlreason_probe:probe", {})).results == ["found"]
+        finally:
+            fresh.close()
+    finally:
+        shutil.rmtree(site)
+
+
+def run_in_fork(pool: SandboxPool, queue: multiprocessing.Queue) -> None:
+    """A fork-started multiprocessing worker: run one job on a pool its parent has used."""
+    queue.put([outcome.results for outcome in pool.map([Job(ECHO, {"items": [True]})] * 2)])
+
+
+def test_a_fork_started_worker_gets_pools_of_its_own(pool):
+    assert [o.results for o in pool.map([Job(ECHO, {"items": [True]})] * 2)] == [[True], [True]]
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: what the fix is about
+        worker = context.Process(target=run_in_fork, args=(pool, queue))
+        worker.start()
+    worker.join(30)
+    alive = worker.is_alive()
+    if alive:
+        worker.kill()
+        worker.join()
+    assert not alive and queue.get(timeout=1) == [[True], [True]]
+    assert pool.run(Job(ECHO, {"items": [True]})).results == [True]

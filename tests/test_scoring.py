@@ -1,10 +1,14 @@
 """Combining rewards: weights, None, and verifiers that raise, return garbage or hang."""
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
-from rlreason.scoring import WeightedReward, score
+from rewards.code import code_tests_all
+from rewards.format import think_format
+from rewards.sandbox import SandboxError
+from rlreason.scoring import WeightedReward, resolve_rewards, score
 
 COMPLETIONS = ["a", "bb", "ccc"]
 SAMPLES = [{"task": "x"}, {"task": "y"}, {"task": "x"}]
@@ -39,6 +43,7 @@ def test_raising_wrong_length_and_nonfinite_rewards_score_zero_and_are_counted()
     rewards = [WeightedReward("boom", 1.0, boom), WeightedReward("short", 1.0, short), WeightedReward("inf", 1.0, infinite)]
     scores = score(COMPLETIONS, SAMPLES, rewards)
     assert scores.failures == {"boom": 3, "short": 3, "inf": 1}
+    assert scores.errors == {"boom": "RuntimeError: verifier bug", "short": "ValueError: returned 1 scores for 3 completions"}
     assert scores.columns[:, :2].tolist() == [[0.0, 0.0]] * 3
     assert scores.columns[0, 2] == 0.0 and scores.columns[1, 2] == 1.0
     assert np.isnan(scores.columns[2, 2])  # NaN is how None is stored: "does not apply"
@@ -54,3 +59,31 @@ def test_hanging_reward_times_out_and_the_next_call_still_works():
     assert time.perf_counter() - start < 5
     assert scores.failures == {"hang": 3} and scores.total.tolist() == [1.0, 2.0, 3.0]
     assert score(COMPLETIONS, SAMPLES, [WeightedReward("len", 1.0, length)], timeout=0.5).total.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_a_sandbox_that_cannot_start_is_an_error_not_a_zero_score():
+    def no_sandbox(completions, samples):
+        raise SandboxError("sandbox could not start: namespaces unavailable")
+
+    scores = score(COMPLETIONS, SAMPLES, [WeightedReward("code", 1.0, no_sandbox), WeightedReward("len", 1.0, length)])
+    assert scores.errors == {"code": "SandboxError: sandbox could not start: namespaces unavailable"}
+    assert scores.failures == {"code": 3}
+
+
+def test_a_module_path_reward_is_named_by_its_registered_name():
+    specs = [SimpleNamespace(name="rewards.format:think_format", weight=0.2), SimpleNamespace(name="tests.test_scoring:length", weight=1.0)]
+    resolved = resolve_rewards(specs)
+    assert [r.name for r in resolved] == ["think_format", "tests.test_scoring:length"]
+    assert resolved[0].fn is think_format
+
+
+def test_hanging_code_completions_cost_only_their_own_scores():
+    honest = "<answer>\n```python\ndef f(x):\n    return 2 * x\n```\n</answer>"
+    hanging = "<answer>\n```python\ndef f(x):\n    while True:\n        pass\n```\n</answer>"
+    completions = [hanging, hanging, hanging, honest] * 8
+    samples = [{"tests": ["assert f(2) == 4"]}] * len(completions)
+    start = time.perf_counter()
+    scores = score(completions, samples, [WeightedReward("code", 1.0, code_tests_all)], timeout=4.0)
+    assert time.perf_counter() - start < 4.0 + 2.0
+    assert scores.failures == {} and scores.errors == {}
+    assert scores.total.tolist() == [0.0, 0.0, 0.0, 1.0] * 8
