@@ -34,8 +34,9 @@ Defences against programs written to pass rather than to be right (each a reward
   patched runner has nothing to act on.
 What is not covered: tests that need the program's objects other than plain data (instances of classes it
 defines, generators, functions passed back) fail, as they cannot cross; a program may still read a row's
-tests from its prompt, and a test that calls a function the prompt defines (HumanEval/32's ``poly``) calls
-the program's version of it.
+tests from its prompt; a test that calls a helper the task defines must carry that helper's source itself
+(``tasks.code`` puts HumanEval prompts' helpers, e.g. HumanEval/32's ``poly``, into the test), else it calls
+the program's function of that name.
 """
 
 from __future__ import annotations

