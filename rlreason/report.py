@@ -54,7 +54,7 @@ def _eval_sources(run: Run) -> list[dict[str, Any]]:
     return [
         {
             "key": f"eval-{e['stage']}@{e['step']}",
-            "label": f"eval {e['stage']}@{e['step']} (greedy, accuracy {e['accuracy']:.3f})",
+            "label": f"eval {e['stage']}@{e['step']} (greedy, accuracy {'n/a' if e['accuracy'] is None else format(e['accuracy'], '.3f')})",
             "samples": [{**s, "total": _weighted_total(s.get("rewards", {}), weights)} for s in e.get("samples", [])],
         }
         for e in run.evals
@@ -62,13 +62,20 @@ def _eval_sources(run: Run) -> list[dict[str, Any]]:
 
 
 def report_data(run: Run, samples_per_step: int = 32) -> dict[str, Any]:
-    """Everything the page shows, as plain JSON: plots (series of [step, value]) and sample sources."""
+    """Everything the page shows, as plain JSON: plots (series of [step, value]), the metrics that were 0 at every
+    step (named in one line instead of a flat plot each) and sample sources."""
     milestones = [{"step": step, "label": name} for name, step in run.milestones().items() if step is not None]
-    plots = []
+    plots, zero = [], []
     for title, patterns in CURVES:
-        series = [{"name": name, "points": run.curve(name)} for name in run.curve_names(patterns)]
+        series = []
+        for name in run.curve_names(patterns):
+            points = run.curve(name)
+            if all(value == 0 for _, value in points):
+                zero.append(name)
+            else:
+                series.append({"name": name, "points": points})
         if title.startswith("Accuracy") and run.evals:
-            series.append({"name": "held-out (greedy)", "points": [[e["step"], e["accuracy"]] for e in run.evals], "dots": True})
+            series.append({"name": "held-out (greedy)", "points": [[e["step"], e["accuracy"]] for e in run.evals if e["accuracy"] is not None], "dots": True})
         if series:
             names = {s["name"] for s in series}
             plots.append({"title": title, "series": series, "markers": [m for m in milestones if m["label"] in names]})
@@ -82,6 +89,7 @@ def report_data(run: Run, samples_per_step: int = 32) -> dict[str, Any]:
             "rewards": [f"{r['name']} x{r.get('weight', 1.0):g}" for r in cfg.get("rewards", [])],
         },
         "plots": plots,
+        "always_zero": zero,
         "sources": _step_sources(run, samples_per_step) + _eval_sources(run),
     }
 
@@ -133,6 +141,7 @@ svg.plot .marker { stroke: #c33; stroke-dasharray: 3 3; }
 <div id="meta"></div>
 <h2>Curves</h2>
 <div id="plots"></div>
+<p id="always-zero"></p>
 <h2>Samples</h2>
 <div id="controls">
   <label>source <select id="source"></select></label>
@@ -284,7 +293,8 @@ function init() {
   const m = DATA.meta;
   $("meta").textContent = `model ${m.model} · task ${m.task} · ${m.steps} steps · rewards ${m.rewards.join(", ")}`;
   DATA.plots.forEach(drawPlot);
-  if (!DATA.plots.length) $("plots").textContent = "no metrics logged yet";
+  if (!DATA.plots.length && !DATA.always_zero.length) $("plots").textContent = "no metrics logged yet";
+  if (DATA.always_zero.length) $("always-zero").textContent = `always 0: ${DATA.always_zero.join(", ")}`;
   DATA.sources.forEach((s) => $("source").appendChild(el("option", {value: s.key}, s.label)));
   const params = new URLSearchParams(location.hash.slice(1));
   const steps = DATA.sources.filter((s) => s.key.startsWith("step-"));

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,21 @@ log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
 COMPLETIONS = "completions.jsonl"
 EVALS = "evals.jsonl"
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+SFT_MODEL_DIR = "sft-model"
+"""Where ``rlreason sft`` saves the fine-tuned model inside its run directory."""
+EVAL_REPORT = "eval-reports"
+"""Where ``rlreason eval`` keeps its reports, one new file per evaluation (``rlreason.evaluate.report_path``)."""
+WANDB_DIR = "wandb"
+
+RUN_OUTPUTS = (CONFIG, METRICS, COMPLETIONS, EVALS, SUMMARY, CHECKPOINT_DIR, SFT_MODEL_DIR, EVAL_REPORT, WANDB_DIR)
+"""Everything a run (train, sft, eval of it) writes in its directory: any of them means the directory holds a run, and
+an overwrite deletes these and nothing else. Data written there on purpose (``rlreason sample``'s samples.jsonl, a
+report at a path of one's choosing) is not a run output."""
+LOGS = (METRICS, COMPLETIONS, EVALS, SUMMARY)
+"""The outputs that record what the run did, step by step."""
 
 
 def _clean(value: Any) -> Any:
@@ -62,6 +78,27 @@ def truncate_after(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(path)
+
+
+CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint; ``.tmp`` directories of interrupted saves never match."""
+    candidates = [p for p in (run_dir / CHECKPOINT_DIR).glob("step-*") if CHECKPOINT_NAME.fullmatch(p.name)]
+    return max(candidates, key=checkpoint_step, default=None)
+
+
+def checkpoint_step(checkpoint: Path | None) -> int | None:
+    """The training step a checkpoint directory (``step-000012``) was saved at."""
+    return int(checkpoint.name.split("-")[1]) if checkpoint is not None else None
+
+
+def restart_logs(run_dir: Path) -> None:
+    """Delete the logs of an attempt that never reached a checkpoint: starting over rewrites them, and each step
+    must appear once."""
+    for name in LOGS:
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def _numbers(row: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -65,6 +65,28 @@ class Scores:
         return {n: float(np.nanmean(c)) for n, c in zip(self.names, self.columns.T, strict=True) if not np.isnan(c).all()}
 
 
+def concat_scores(pieces: list[tuple[Scores, Any]], calls: list[Scores]) -> Scores:
+    """Rows taken from scores of several calls (processes, sampling rounds) as one batch's ``Scores``.
+
+    ``pieces`` are (scores, rows: a slice or index list) in batch order; ``calls`` are the calls whose failures
+    and errors the batch reports, each listed once, including calls none of whose rows were kept.
+    """
+    failures: dict[str, int] = {}
+    errors: dict[str, str] = {}
+    for call in calls:
+        for name, count in call.failures.items():
+            failures[name] = failures.get(name, 0) + count
+        for name, error in call.errors.items():
+            errors.setdefault(name, error)
+    return Scores(
+        pieces[0][0].names,
+        np.concatenate([s.columns[rows] for s, rows in pieces]),
+        np.concatenate([s.total[rows] for s, rows in pieces]),
+        failures,
+        errors,
+    )
+
+
 def resolve_rewards(specs: list[Any]) -> list[WeightedReward]:
     """Config reward entries (``name``, ``weight``) to callables.
 

@@ -24,8 +24,6 @@ from rlreason.data import PromptStream
 from tasks.prompts import render
 
 IGNORE = -100
-SFT_MODEL_DIR = "sft-model"
-"""Where ``rlreason sft`` saves the fine-tuned model inside its run directory."""
 
 
 def load_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:

@@ -17,9 +17,10 @@ import json
 import logging
 import math
 import random
-import re
 import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,7 @@ from rlreason.advantages import (
 )
 from rlreason.config import Config, ConfigError, save_config
 from rlreason.data import PromptStream, encode_prompts, task_dataset
-from rlreason.evaluate import evaluate_config
-from rlreason.fast_rollout import build_engine
+from rlreason.evaluate import describe, eval_split, evaluate_config, policy_engine, precision
 from rlreason.logprobs import (
     EAGER_HEAD,
     LogprobInputs,
@@ -48,49 +48,119 @@ from rlreason.logprobs import (
     logprob_inputs,
     logprobs_from_inputs,
 )
-from rlreason.losses import high_entropy_mask, kl_divergence, masked_mean, policy_loss, token_weights
+from rlreason.losses import high_entropy_mask, kl_divergence, policy_loss, token_weights
 from rlreason.models import compile_decoder, load_model, load_tokenizer
 from rlreason.reasoning import Milestones, length_stats, reasoning_stats, task_accuracy, token_counter
 from rlreason.rollout import Rollout, SamplingParams, concat_rollouts
-from rlreason.runlog import COMPLETIONS, EVALS, METRICS, Progress, RunLog, read_jsonl, truncate_after
+from rlreason.runlog import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_NAME,
+    COMPLETIONS,
+    CONFIG,
+    EVALS,
+    METRICS,
+    RUN_OUTPUTS,
+    Progress,
+    RunLog,
+    checkpoint_step,
+    latest_checkpoint,
+    read_jsonl,
+    restart_logs,
+    truncate_after,
+)
 from rlreason.sampling import completion_seed
-from rlreason.scoring import Scores, missing_fields, resolve_rewards, score
+from rlreason.scoring import Scores, concat_scores, missing_fields, resolve_rewards, score
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-_CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+
+def run_inputs(config: Config) -> dict[str, Path]:
+    """The files and directories the run reads, by config field: no overwrite may delete them."""
+    named: dict[str, Any] = {"model.name": config.model.name, "sft.data": config.sft.data, "sample.teacher": config.sample.teacher}
+    named |= {f"task.options.{key}": value for key, value in config.task.options.items()}
+    for i, part in enumerate(config.task.mix):
+        named |= {f"task.mix[{i}].options.{key}": value for key, value in (part.get("options") or {}).items()}
+    return {
+        field: Path(value).expanduser().resolve()
+        for field, value in named.items()
+        if isinstance(value, str) and value and Path(value).expanduser().exists()
+    }
 
 
-def bf16_available() -> bool:
-    """bf16 autocast pays off on GPUs that support it and on CPUs with native bf16 instructions."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint; ``.tmp`` directories of interrupted saves never match."""
-    candidates = [p for p in (run_dir / CHECKPOINT_DIR).glob("step-*") if _CHECKPOINT_NAME.fullmatch(p.name)]
-    return max(candidates, key=lambda p: int(p.name.split("-")[1]), default=None)
+def remove_outputs(run_dir: Path, inputs: dict[str, Path]) -> None:
+    """Delete the run outputs in ``run_dir`` (``RUN_OUTPUTS``, nothing else), after checking that none of them holds,
+    or lies inside, an input of the new run; on such a conflict nothing is deleted."""
+    outputs = [path for path in (run_dir / name for name in RUN_OUTPUTS) if path.exists()]
+    for output in outputs:
+        for field, source in inputs.items():
+            if source.is_relative_to(output.resolve()) or output.resolve().is_relative_to(source):
+                raise FileExistsError(
+                    f"run.overwrite=true would delete {output}, and {field} ({source}) is read from there: "
+                    "choose another run.output_dir"
+                )
+    for output in outputs:
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
 
 
 def prepare_run_dir(config: Config, resume: bool) -> Path:
-    """Create the run directory; refuse to write over a finished or running run unless asked."""
+    """Create the run directory; refuse to write over a run (any of its outputs, even of a run killed before its
+    first step) unless asked to resume it or to replace it."""
     run_dir = Path(config.run.output_dir)
-    holds_run = (run_dir / METRICS).exists() or (run_dir / CHECKPOINT_DIR).exists()
-    if holds_run and not resume and not config.run.overwrite:
-        raise FileExistsError(
-            f"{run_dir} already holds a run: pass --resume to continue it or set run.overwrite=true to replace it"
-        )
-    if holds_run and config.run.overwrite and not resume:
-        shutil.rmtree(run_dir)
+    holds_run = any((run_dir / name).exists() for name in RUN_OUTPUTS)
+    if holds_run and not resume:
+        if not config.run.overwrite:
+            raise FileExistsError(
+                f"{run_dir} already holds a run: pass --resume to continue it or set run.overwrite=true to replace it"
+            )
+        remove_outputs(run_dir, run_inputs(config))
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def is_finished(run_dir: Path, steps: int) -> bool:
+    """The run ran to its end: its latest checkpoint is at ``steps`` or later and its final evaluation is logged
+    (a finished run resumed with more ``train.steps`` is not finished: it trains on)."""
+    step = checkpoint_step(latest_checkpoint(run_dir))
+    finals = {e["step"] for e in read_jsonl(run_dir / EVALS) if e.get("stage") == "final"}
+    return step is not None and step >= steps and step in finals
+
+
+@dataclass(frozen=True)
+class TokenMean:
+    """A per-token metric as its sum and its token count, so that micro-batches and processes add up to the mean over
+    the step's tokens (a mean of micro-batch means would depend on how rows were split)."""
+
+    total: float
+    tokens: float
+
+    def __add__(self, other: TokenMean) -> TokenMean:
+        return TokenMean(self.total + other.total, self.tokens + other.tokens)
+
+    @property
+    def value(self) -> float:
+        return self.total / self.tokens if self.tokens else 0.0
+
+
+SUMMED_STATS = ("overlong/penalized", "overlong/masked", "dynamic_sampling/dropped_groups", "dynamic_sampling/refilled_groups")
+"""Counts of one process's share of the step: the step's count is their sum."""
+
+
+def merge_process_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every process's stats of one step as the step's: token means and counts summed over processes; the rest,
+    equal on every process (grad_norm, sampling rounds) or each process's share of a sum (the loss, whose token
+    weights are scaled by the number of processes), averaged."""
+    merged: dict[str, Any] = {}
+    for key in dict.fromkeys(k for part in parts for k in part):
+        values = [part[key] for part in parts if key in part]
+        if isinstance(values[0], TokenMean) or key in SUMMED_STATS:
+            merged[key] = sum(values[1:], values[0])
+        else:
+            merged[key] = float(np.mean(values))
+    return merged
+
+
+def _values(stats: dict[str, Any]) -> dict[str, Any]:
+    return {key: value.value if isinstance(value, TokenMean) else value for key, value in stats.items()}
 
 
 class TrainingDiverged(RuntimeError):
@@ -101,7 +171,7 @@ class Trainer:
     def __init__(self, config: Config, resume: bool = False):
         self.config = config
         tr = config.train
-        use_bf16 = tr.bf16 == "true" or (tr.bf16 == "auto" and bf16_available())
+        use_bf16 = precision(config) == "bf16"
         # cpu=True on GPU-less machines: without it accelerate ignores the launcher's WORLD_SIZE and each
         # process would train alone
         self.accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
@@ -120,7 +190,7 @@ class Trainer:
         self.rewards = resolve_rewards(config.rewards)
         tc = config.task
         self.train_data = task_dataset(tc, "train", tr.seed)
-        self.eval_data = task_dataset(tc, "eval", tr.seed)
+        self.eval_data = eval_split(config)
         problems = missing_fields(self.rewards, self.train_data.column_names, "+".join(m["name"] for m in tc.mix) or tc.name)
         if problems:
             raise ConfigError(problems)
@@ -148,7 +218,7 @@ class Trainer:
             self.reference = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision).to(self.accelerator.device)
             self.reference.eval().requires_grad_(False)
 
-        self.engine = build_engine(config.rollout.engine, self.accelerator.unwrap_model(self.model), self.tokenizer, use_bf16)
+        self.engine = policy_engine(config, self.accelerator.unwrap_model(self.model), self.tokenizer)
         self.sampling = SamplingParams(
             config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p, config.rollout.top_k
         )
@@ -156,13 +226,25 @@ class Trainer:
         self.step = 0
         self.runlog = RunLog(self.run_dir, self.is_main, config.run.report_to, config.to_dict())
         if self.is_main:
-            save_config(config, self.run_dir / "config.yaml")
+            save_config(config, self.run_dir / CONFIG)
         self.resumed_from = self._resume() if resume else None
+        self.accelerator.wait_for_everyone()  # the logs are cut back before any process reads them
 
     # ---------------------------------------------------------------- the loop
 
     def train(self) -> dict[str, Any]:
-        """Cold start (optional), evaluate, GRPO for ``train.steps``, evaluate; returns the summary."""
+        """Cold start (optional), evaluate, GRPO for ``train.steps``, evaluate; returns the summary. A resumed run that
+        had already finished is left as it is."""
+        try:
+            if self.resumed_from is not None and is_finished(self.run_dir, self.config.train.steps):
+                self._say(f"{self.run_dir} is finished (step {self.step}); nothing to resume (raise train.steps to train on)")
+            else:
+                self._train()
+        finally:  # also on Ctrl-C: the wandb mirror is closed, the JSONL logs are complete up to the last line
+            self.runlog.close()
+        return self.summary()
+
+    def _train(self) -> None:
         cfg = self.config
         if self.resumed_from is None:
             if cfg.run.eval_before:
@@ -172,6 +254,17 @@ class Trainer:
                 self.evaluate("sft")
         milestones = Milestones(cfg.run.milestones, read_jsonl(self.run_dir / METRICS))
         progress = Progress(cfg.train.steps, self.step, cfg.run.progress, cfg.run.log_every, milestones, self.is_main)
+        try:
+            self._grpo(progress)
+        finally:  # the bar ends its line before any message that follows (Ctrl-C's, a divergence's)
+            progress.close()
+        if checkpoint_step(latest_checkpoint(self.run_dir)) != self.step:  # run.save_every may have saved it already
+            self.save_checkpoint()
+        self.evaluate("final")
+
+    def _grpo(self, progress: Progress) -> None:
+        """GRPO steps up to ``train.steps``, with the evaluations and checkpoints ``run.*`` asks for."""
+        cfg = self.config
         bad_steps = 0
         while self.step < cfg.train.steps:
             metrics = self.train_step()
@@ -179,7 +272,6 @@ class Trainer:
             bad_steps = bad_steps + 1 if metrics["skipped_updates"] else 0
             if bad_steps >= cfg.train.max_bad_steps:
                 last = latest_checkpoint(self.run_dir)
-                self.runlog.close()
                 raise TrainingDiverged(
                     f"{bad_steps} steps in a row ended with a non-finite loss or gradient (last at step {self.step}); "
                     f"the weights were not updated by them. Last good checkpoint: {last or 'none saved yet'}. "
@@ -189,11 +281,11 @@ class Trainer:
                 self.evaluate("grpo")
             if cfg.run.save_every and self.step % cfg.run.save_every == 0:
                 self.save_checkpoint()
-        progress.close()
-        self.save_checkpoint()
-        self.evaluate("final")
-        self.runlog.close()
-        return self.summary()
+
+    def _say(self, line: str) -> None:
+        """A line for the person running the command (stderr, main process only), not a log record."""
+        if self.is_main:
+            tqdm.write(line, file=sys.stderr)
 
     def run_sft(self) -> list[float]:
         """The cold start: supervised steps on ``sft.data`` before any RL."""
@@ -226,6 +318,7 @@ class Trainer:
                 samples, texts, scores, advantages, lengths, truncated, stats, tokens
             )
             rewards = torch.tensor(scores.total, dtype=torch.float32).view(-1, G)
+        stats = _values(stats)
         first = scores.correctness()
         metrics = {
             "step": self.step,
@@ -271,25 +364,19 @@ class Trainer:
 
     def _gather_step(
         self, samples: list, texts: list[str], scores: Scores, advantages: torch.Tensor, lengths: torch.Tensor,
-        truncated: torch.Tensor, stats: dict[str, float], tokens: int,
-    ) -> tuple[list, list[str], Scores, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float], int]:
-        """Every process's share of the step, concatenated in process order; per-process stats averaged."""
+        truncated: torch.Tensor, stats: dict[str, Any], tokens: int,
+    ) -> tuple[list, list[str], Scores, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any], int]:
+        """Every process's share of the step, concatenated in process order; stats merged (``merge_process_stats``)."""
         local = (samples, texts, scores, advantages.tolist(), lengths.tolist(), truncated.tolist(), stats, tokens)
         parts = gather_object([local])
 
         def cat(i: int) -> list:
             return [item for part in parts for item in part[i]]
 
-        failures: dict[str, int] = {}
-        for part in parts:
-            for name, count in part[2].failures.items():
-                failures[name] = failures.get(name, 0) + count
-        merged = Scores(
-            scores.names, np.concatenate([p[2].columns for p in parts]), np.concatenate([p[2].total for p in parts]), failures
-        )
-        averaged = {key: float(np.mean([p[6][key] for p in parts if key in p[6]])) for key in stats}
+        merged = concat_scores([(p[2], slice(None)) for p in parts], [p[2] for p in parts])
         return (
-            cat(0), cat(1), merged, torch.tensor(cat(3)), torch.tensor(cat(4)), torch.tensor(cat(5)), averaged,
+            cat(0), cat(1), merged, torch.tensor(cat(3)), torch.tensor(cat(4)), torch.tensor(cat(5)),
+            merge_process_stats([p[6] for p in parts]),
             sum(p[7] for p in parts),
         )
 
@@ -327,16 +414,8 @@ class Trainer:
                 (dropped if flat[g] else kept).append((row, rollout, scores, range(g * G, g * G + G)))
         refill = dropped[: P - len(kept)]
         batch = kept + refill
-        failures: dict[str, int] = {}
-        for part in {id(s): s for *_, s, _ in kept + dropped}.values():
-            for name, count in part.failures.items():
-                failures[name] = failures.get(name, 0) + count
-        scores = Scores(
-            batch[0][2].names,
-            np.concatenate([s.columns[list(r)] for *_, s, r in batch]),
-            np.concatenate([s.total[list(r)] for *_, s, r in batch]),
-            failures,
-        )
+        calls = list({id(s): s for *_, s, _ in kept + dropped}.values())
+        scores = concat_scores([(s, list(r)) for *_, s, r in batch], calls)
         rollout = concat_rollouts([(r, list(idx)) for _, r, _, idx in batch], self.tokenizer.pad_token_id)
         stats = {
             "dynamic_sampling/rounds": rounds,
@@ -358,7 +437,7 @@ class Trainer:
             frozen["ref"], _ = self._frozen_logprobs(self.reference, rollout, inputs)
         return frozen
 
-    def _advantages(self, rewards: torch.Tensor, rollout: Rollout, frozen: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _advantages(self, rewards: torch.Tensor, rollout: Rollout, frozen: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Rewards [P, G] -> one advantage per completion [P * G], after the reward shaping the config asks for."""
         tr, stats = self.config.train, {}
         mask = rollout.completion_mask.float()
@@ -369,16 +448,17 @@ class Trainer:
         if tr.kl_in_reward:  # KL folded into the reward instead of the loss
             kl = kl_divergence(frozen["old"], frozen["ref"], tr.kl_estimator)
             rewards = kl_penalised_rewards(rewards, kl, mask, tr.beta)
-            stats["kl"] = float(masked_mean(kl, mask))
+            stats["kl"] = TokenMean(float((kl * mask).sum()), float(mask.sum()))
         return compute_advantages(rewards, tr.advantage, tr.scale_rewards).flatten(), stats
 
     def optimize(
         self, rollout: Rollout, advantages: torch.Tensor, frozen: dict[str, torch.Tensor], inputs: list[LogprobInputs]
-    ) -> dict[str, float]:
+    ) -> dict[str, Any]:
         """``num_iterations`` optimizer steps over the batch, each accumulating gradients over micro-batches.
 
         ``frozen`` is ``_frozen_pass(rollout, inputs)``; ``inputs`` is ``_model_inputs(rollout)``, already on the
-        device, so the loop below never waits on the host.
+        device, so the loop below never waits on the host. Per-token stats are ``TokenMean``s over every iteration's
+        tokens.
         """
         tr = self.config.train
         temperature = self.config.rollout.temperature
@@ -395,7 +475,13 @@ class Trainer:
         advantages, weights = advantages.to(device), weights.to(device)
         old = frozen["old"].to(device) if tr.num_iterations > 1 else None
         ref = frozen["ref"].to(device) if kl_in_loss else None
-        totals: dict[str, list[torch.Tensor]] = {"loss": [], "ratio": [], "entropy": [], "kl": []}
+        losses: list[torch.Tensor] = []
+        sums: dict[str, torch.Tensor] = {}  # name -> [sum over tokens, tokens], on the device
+
+        def add(name: str, values: torch.Tensor, where: torch.Tensor) -> None:
+            pair = torch.stack([(values.float() * where).sum(), where.sum()])
+            sums[name] = sums[name] + pair if name in sums else pair
+
         grad_norms: list[float] = []
         skipped = 0
         self.model.train()
@@ -436,18 +522,17 @@ class Trainer:
                     self.accelerator.backward(loss)
                 trained = (w > 0).float()
                 # statistics stay on the device (a float() here would stall the GPU once per micro-batch)
-                totals["loss"].append(loss.detach())
+                losses.append(loss.detach())
                 for name in ("clipped", "clipped_low", "clipped_high", "clipped_dual"):
                     if name in stats:
-                        totals.setdefault(name.replace("clipped", "clip_fraction"), []).append(masked_mean(stats[name].float(), trained))
-                totals["ratio"].append(masked_mean(stats["ratio"].detach(), mask))
-                totals["entropy"].append(masked_mean(entropy.detach(), mask))
+                        add(name.replace("clipped", "clip_fraction"), stats[name], trained)
+                add("ratio", stats["ratio"], mask)
+                add("entropy", entropy.detach(), mask)
                 if "kl" in stats:
-                    totals["kl"].append(masked_mean(stats["kl"].detach(), mask))
+                    add("kl", stats["kl"], mask)
             # the norm is computed (and clipping skipped) with an infinite threshold when clipping is off
             grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), tr.max_grad_norm or float("inf")))
-            losses = torch.stack(totals["loss"][-len(micro_batches) :])
-            if math.isfinite(grad_norm) and bool(torch.isfinite(losses).all()):
+            if math.isfinite(grad_norm) and bool(torch.isfinite(torch.stack(losses[-len(micro_batches) :])).all()):
                 grad_norms.append(grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
@@ -455,13 +540,13 @@ class Trainer:
                 skipped += 1
                 log.warning("step %d: non-finite loss or gradient norm (%s), update skipped", self.step + 1, grad_norm)
             self.optimizer.zero_grad(set_to_none=not tr.cuda_graphs)
-        out = {k: float(torch.stack(v).float().mean()) for k, v in totals.items() if v}
+        out: dict[str, Any] = {name: TokenMean(*pair.tolist()) for name, pair in sums.items()}
         if grad_norms:
             out["grad_norm"] = float(np.mean(grad_norms))
         out["skipped_updates"] = float(skipped)
-        out["loss"] = float(torch.stack(totals["loss"]).sum()) / tr.num_iterations
+        out["loss"] = float(torch.stack(losses).sum()) / tr.num_iterations
         if tr.overlong == "mask" or tr.top_entropy_quantile < 1:
-            out["trained_token_fraction"] = float((weights > 0).sum() / rollout.completion_mask.sum().clamp(min=1))
+            out["trained_token_fraction"] = TokenMean(float((weights > 0).sum()), float(rollout.completion_mask.sum()))
         if tr.overlong == "mask":
             out["overlong/masked"] = int(rollout.truncated.sum())
         if tr.ref_update_every and (self.step + 1) % tr.ref_update_every == 0:  # self.step + 1: the step ending now
@@ -525,10 +610,10 @@ class Trainer:
 
     def evaluate(self, stage: str) -> dict[str, Any]:
         """Greedy accuracy on the held-out split; logged to evals.jsonl with its samples."""
-        result = evaluate_config(self.config, self.engine, self.tokenizer, self.eval_data, self.rewards)
+        result = evaluate_config(self.config, self.engine, self.tokenizer, self.eval_data, self.rewards, progress=self.is_main)
         self.runlog.evaluation({"step": self.step, "stage": stage, **result})
         if self.is_main:
-            tqdm.write(f"[eval {stage} @ step {self.step}] held-out accuracy {result['accuracy']:.3f} on {result['num_prompts']} prompts")
+            tqdm.write(f"[eval {stage} @ step {self.step}] {describe(result)}")
         return result
 
     def summary(self) -> dict[str, Any]:
@@ -571,17 +656,20 @@ class Trainer:
         if self.is_main:
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
-            kept = sorted((p for p in final.parent.glob("step-*") if _CHECKPOINT_NAME.fullmatch(p.name)), key=lambda p: p.name)
+            kept = sorted((p for p in final.parent.glob("step-*") if CHECKPOINT_NAME.fullmatch(p.name)), key=lambda p: p.name)
             for old in kept[: -self.config.run.keep_last]:
                 shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
         return final
 
     def _resume(self) -> Path | None:
-        """Restore model, optimizer, scheduler, data position and RNG from the latest complete checkpoint."""
+        """Restore model, optimizer, scheduler, data position and RNG from the latest complete checkpoint, and cut the
+        logs back to its step; with no checkpoint, start over with empty logs."""
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is None:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
+            if self.is_main:
+                restart_logs(self.run_dir)
+            self._say(f"--resume: no checkpoint in {self.run_dir} yet, so the run starts over (its logs are restarted)")
             return None
         weights = AutoModelForCausalLM.from_pretrained(checkpoint / "model").state_dict()
         self.accelerator.unwrap_model(self.model).load_state_dict(weights)
@@ -600,4 +688,5 @@ class Trainer:
         if self.is_main:
             for name in (METRICS, COMPLETIONS, EVALS):
                 truncate_after(self.run_dir / name, self.step)
+        self._say(f"resuming from {checkpoint} (step {self.step} of {self.config.train.steps})")
         return checkpoint

@@ -64,3 +64,42 @@ def test_task_rows_missing_a_field_a_reward_needs(tmp_path, capsys):
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert "'math_accuracy' reads the sample field(s) ['answer'], which rows of task 'humaneval' do not have" in err
+
+
+YAML_CASES = [
+    ("train:\n\tsteps: 3\n", "line 2, column 1: found character '\\t' that cannot start any token (YAML indents with spaces"),
+    ("train: {steps: 3\nrollout: {group_size: 4}\n", "line 2, column 8: expected ',' or '}', but got ':'"),
+    ("train:\n  steps: 3\n  learning_rate: 1e-5\n  steps: 5\n", "line 4, column 3: duplicate key 'steps' (first given on line 2)"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), YAML_CASES, ids=["tab", "syntax", "duplicate-key"])
+def test_a_broken_yaml_file_is_one_line_naming_file_and_line(text, expected, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    assert main(["train", str(config), f"run.output_dir={tmp_path / 'run'}"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"config error: {config}: {expected}"), line
+
+
+def test_a_broken_yaml_override_names_the_override(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"run: {{output_dir: {tmp_path / 'run'}}}\n")
+    assert main(["eval", str(config), "train.adam_betas=[0.9, 0.99", "rollout.group_size={a: 1, a: 2}"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "config error: override 'train.adam_betas=[0.9, 0.99': the value is not valid YAML (line 1, column 11: "
+        "expected ',' or ']', but got '<stream end>')",
+        "config error: override 'rollout.group_size={a: 1, a: 2}': the value is not valid YAML (line 1, column 8: "
+        "duplicate key 'a' (first given on line 1))",
+    ]
+
+
+def test_an_output_dir_that_cannot_be_created_is_refused_before_anything_runs(tmp_path, capsys):
+    too_long = tmp_path / ("x" * 300) / "run"
+    config = tmp_path.parent / f"{tmp_path.name}.yaml"
+    config.write_text("task: {name: arithmetic}\n")
+    assert main(["eval", str(config), f"run.output_dir={too_long}"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == f"config error: run.output_dir: {str(too_long)!r} cannot be created in {tmp_path} (File name too long)"
+    assert [p.name for p in tmp_path.iterdir()] == []

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TWO_PROCESSES = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
 
 
-def launch(config: Path, *extra: str, processes: int) -> None:
+def launch(config: Path, *extra: str, processes: int) -> str:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if processes == 1:
         command = [sys.executable, "-m", "rlreason", "train", str(config), *extra]
@@ -26,6 +26,7 @@ def launch(config: Path, *extra: str, processes: int) -> None:
                    "-m", "rlreason.train", str(config), *extra]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def weights(run_dir: Path, step: int) -> list[torch.Tensor]:
@@ -41,7 +42,7 @@ def setup(tmp_path_factory):
     def config(name: str, **train) -> Path:
         return write_config(
             root / f"{name}.yaml", model, root / name, rewards=[{"name": "conftest:char_codes"}],
-            rollout={"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 8},
+            rollout={"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 32},  # long enough to end at different lengths
             train={"steps": 1, "learning_rate": 1e-2, "micro_batch_size": 8, "bf16": "false", "seed": 1, **train},
             run={"eval_before": False, "save_every": 1, "keep_last": 3},
         )
@@ -51,10 +52,13 @@ def setup(tmp_path_factory):
 
 def test_two_processes_match_one_after_a_step(setup):
     root, config = setup
-    launch(config("one"), processes=1)
-    launch(config("two"), processes=2)
+    launch(config("one", num_iterations=2), processes=1)
+    stdout = launch(config("two", num_iterations=2), processes=2)
+    assert stdout.count('"steps": 1') == 1  # the summary, from the main process only
     one, two = read_jsonl(root / "one" / "metrics.jsonl"), read_jsonl(root / "two" / "metrics.jsonl")
     assert one[0]["processes"] == 1 and two[0]["processes"] == 2
+    for key in ("entropy", "ratio", "clip_fraction"):  # means over all tokens, not of each process's mean
+        assert two[0][key] == pytest.approx(one[0][key], rel=1e-5), key
     assert two[0]["reward"] == one[0]["reward"] and two[0]["rewards/conftest:char_codes"] == one[0]["rewards/conftest:char_codes"]
     completions = [[(c["prompt"], c["completion"], c["total"]) for c in read_jsonl(root / run / "completions.jsonl")] for run in ("one", "two")]
     assert completions[0] == completions[1] and len(completions[0]) == 16

@@ -1,4 +1,4 @@
-"""Sampled evaluation: pass@k, maj@k and best-of-n computed from scored samples, and `rlreason eval`."""
+"""Sampled evaluation: pass@k and maj@k computed from scored samples, and `rlreason eval`."""
 
 import json
 
@@ -16,17 +16,15 @@ def test_sampled_metrics_by_hand():
     texts = ["<answer>4</answer>", "<answer>5</answer>", "<answer>5</answer>",
              "<answer>7</answer>", "<answer>8</answer>", "<answer>9</answer>"]
     correct = np.array([[1.0], [0.0], [0.0], [0.0], [0.0], [1.0]])
-    total = np.array([1.0, 0.5, 0.5, 0.9, 0.2, 0.1])
-    metrics = sampled_metrics(texts, Scores(["acc"], correct, total), n=3, ks=[1, 3])
+    metrics = sampled_metrics(texts, Scores(["acc"], correct, correct[:, 0]), n=3, ks=[1, 3])
     # prompt 1: c=1 of 3 -> pass@1 = 1/3, pass@3 = 1; prompt 2 the same
     assert metrics["pass@1"] == pytest.approx(1 / 3)
     assert metrics["pass@3"] == pytest.approx(1.0)
-    # maj@3: prompt 1 majority "5" (wrong); prompt 2 all different -> first ("7", wrong) -> 0
-    assert metrics["maj@3"] == 0.0
-    # maj@1 is the first sample: right for prompt 1, wrong for prompt 2
-    assert metrics["maj@1"] == 0.5
-    # best of 3 by total: prompt 1 keeps sample 0 (correct), prompt 2 keeps sample 0 (wrong)
-    assert metrics["best_of_3"] == 0.5
+    # maj@3: prompt 1 majority "5" (wrong) -> 0; prompt 2 a three-way tie split evenly -> 1/3
+    assert metrics["maj@3"] == pytest.approx(1 / 6)
+    # maj@1 averages every single sample, as pass@1 does
+    assert metrics["maj@1"] == pytest.approx(1 / 3)
+    assert not any(name.startswith("best_of") for name in metrics)  # choosing with the gold answer is no method
 
 
 def test_eval_command_on_a_run_directory(tiny_llama, tmp_path, capsys):
@@ -36,10 +34,11 @@ def test_eval_command_on_a_run_directory(tiny_llama, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run_dir), "eval.samples=4", "eval.k=[1,2,4]", "task.eval_size=4"]) == 0
     out = capsys.readouterr().out
-    for name in ("accuracy (greedy)", "pass@1", "pass@4", "maj@2", "best_of_4"):
+    for name in ("accuracy (greedy)", "pass@1", "pass@4", "maj@2"):
         assert name in out
-    report = json.loads((run_dir / "eval_report.json").read_text())
-    assert report["model"].endswith("step-000001/model") and report["num_prompts"] == 4
+    (path,) = (run_dir / "eval-reports").glob("eval-step-000001-*.json")
+    report = json.loads(path.read_text())
+    assert report["model"].endswith("step-000001/model") and report["num_prompts"] == 4 and report["step"] == 1
     assert 0.0 <= report["pass@1"] <= report["pass@2"] <= report["pass@4"] <= 1.0
 
 

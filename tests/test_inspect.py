@@ -13,7 +13,7 @@ import pytest
 from conftest import write_config
 
 from rlreason.cli import main
-from rlreason.inspect_run import load_run, select, sparkline
+from rlreason.inspect_run import distinct, load_run, select, sparkline
 from rlreason.reasoning import Milestones
 from rlreason.report import report_data, write_report
 from rlreason.runlog import Progress, read_jsonl, step_line
@@ -101,7 +101,7 @@ def _run_cli_err(capsys, *args) -> str:
 
 def test_best_and_worst_rank_by_total_reward(tiny_run, capsys):
     run = load_run(tiny_run[0])
-    totals = sorted((r["total"] for r in run.completions()), reverse=True)
+    totals = sorted((r["total"] for r in distinct(list(run.completions()))), reverse=True)
     assert [r["total"] for r in select(run, order="best", limit=3)] == totals[:3]
     assert [r["total"] for r in select(run, order="worst", limit=2)] == sorted(totals)[:2]
     out = cli(capsys, tiny_run[0], "--worst", 2)
@@ -148,6 +148,28 @@ def _handmade_run(path: Path) -> Path:
     return path
 
 
+def test_best_shows_each_distinct_completion_once(tmp_path, capsys):
+    run_dir = _handmade_run(tmp_path / "run")
+    row = {"step": 1, "prompt": "q", "answer": "7", "rewards": {"acc": 1.0}, "total": 1.0, "advantage": 0.5, "length": 3}
+    collapsed = [{**row, "completion": "<answer>7</answer>"}] * 4  # a group that collapsed onto one answer
+    others = [{**row, "completion": f"<answer>{n}</answer>", "total": 0.1 * n, "advantage": -0.5} for n in range(1, 5)]
+    (run_dir / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in collapsed + others))
+    out = cli(capsys, run_dir, "--step", 1, "--best")
+    assert out.count("<answer>7</answer>") == 1 and "(4 identical)" in out
+    assert out.count("total ") == 5 and all(f"<answer>{n}</answer>" in out for n in range(1, 5))
+
+
+def test_html_report_names_metrics_that_were_always_zero_instead_of_plotting_them(tmp_path):
+    run_dir = _handmade_run(tmp_path / "run")
+    rows = [{"step": s, "reward": 0.1 * s, "clip_fraction": 0.0, "kl": 0.0, "entropy": 1.0} for s in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = load_run(run_dir)
+    data = report_data(run)
+    assert data["always_zero"] == ["kl", "clip_fraction"]
+    assert [p["title"] for p in data["plots"]] == ["Reward", "Accuracy (first reward)", "Entropy"]
+    assert '<p id="always-zero">' in write_report(run, tmp_path / "r.html").read_text()
+
+
 def test_diff_sorts_prompts_into_improved_worsened_and_changed(tmp_path, capsys):
     out = cli(capsys, _handmade_run(tmp_path / "run"), "--diff", "base", "final")
     assert "improved 1   worsened 1   changed, same score 1   unchanged 1" in out
@@ -183,8 +205,10 @@ def test_html_report_renders_plots_and_shows_a_sample_in_chromium(tiny_run, tmp_
         capture_output=True, timeout=60, check=True,
     ).stdout.decode()
 
-    plots = report_data(run)["plots"]
-    assert dom.count('<svg class="plot"') == len(plots) >= 10
+    data = report_data(run)
+    plots = data["plots"]
+    assert dom.count('<svg class="plot"') == len(plots) >= 8
+    assert data["always_zero"] and f"always 0: {', '.join(data['always_zero'])}" in html.unescape(dom)
     lines = re.findall(r'<path class="line" d="(M[^"]+)"', dom)
     assert len(lines) == sum(not s.get("dots") for p in plots for s in p["series"])
     assert dom.count('<circle class="dot"') == len(run.evals)  # held-out accuracy at each evaluation

@@ -13,12 +13,12 @@ from rewards import get_reward, reward_names
 BUILT_IN = [
     "code_tests",
     "code_tests_all",
-    "concise_answer",
     "exact_match",
     "length_penalty",
     "logic_accuracy",
     "math_accuracy",
     "repetition_penalty",
+    "shown_work",
     "tag_count_format",
     "think_format",
 ]
@@ -34,17 +34,6 @@ def test_every_reward_returns_one_score_per_completion(name):
     samples = [{"answer": "4", "task": "arithmetic"}, {"answer": "4", "task": "arithmetic"}]
     scores = get_reward(name)(completions, samples)
     assert len(scores) == 2 and all(s is None or isinstance(s, float) for s in scores)
-
-
-def test_example_reward_by_name_and_by_path():
-    completions = [
-        "<answer>Paris</answer>",
-        "<answer>it is the city of Paris in France</answer>",
-        "<answer>x</answer>",
-    ]
-    samples = [{"answer": "Paris"}, {"answer": "Paris"}, {"tests": ["assert True"]}]
-    assert get_reward("concise_answer")(completions, samples) == [1.0, 0.0, None]
-    assert get_reward("rewards.example:concise_answer") is get_reward("concise_answer")
 
 
 def test_unknown_name_suggests_the_closest():
@@ -67,7 +56,7 @@ def test_a_reward_module_in_the_working_directory_resolves_through_the_console_s
 
 
 def test_the_shown_work_example_tells_worked_answers_from_bare_ones():
-    from rewards.show_work import shown_work
+    from rewards.example import shown_work
     from tasks import load_task
 
     row = load_task("arithmetic", "train", 1, seed=0)[0]
@@ -83,3 +72,4 @@ def test_the_shown_work_example_tells_worked_answers_from_bare_ones():
     ]
     assert shown_work(completions, [row] * len(completions)) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
     assert shown_work(["x"], [{"tests": ["assert True"]}]) == [None]
+    assert get_reward("rewards.example:shown_work") is get_reward("shown_work") is shown_work

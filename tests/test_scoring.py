@@ -87,3 +87,16 @@ def test_hanging_code_completions_cost_only_their_own_scores():
     assert time.perf_counter() - start < 4.0 + 2.0
     assert scores.failures == {} and scores.errors == {}
     assert scores.total.tolist() == [0.0, 0.0, 0.0, 1.0] * 8
+
+
+def test_concatenated_scores_keep_every_calls_failures_and_errors_once():
+    from rlreason.scoring import Scores, concat_scores
+
+    first = Scores(["r"], np.array([[1.0], [0.0], [1.0]]), np.array([1.0, 0.0, 1.0]), {"r": 1}, {"r": "SandboxError: a"})
+    second = Scores(["r"], np.array([[0.5], [0.25]]), np.array([0.5, 0.25]), {"r": 2}, {"r": "SandboxError: b"})
+    dropped = Scores(["r"], np.array([[0.0]]), np.array([0.0]), {"r": 4})
+    merged = concat_scores([(first, [2, 0]), (second, slice(None)), (first, [1])], [first, second, dropped])
+    assert merged.total.tolist() == [1.0, 1.0, 0.5, 0.25, 0.0]
+    assert merged.columns[:, 0].tolist() == merged.total.tolist()
+    assert merged.failures == {"r": 7}
+    assert merged.errors == {"r": "SandboxError: a"}

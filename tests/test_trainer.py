@@ -12,7 +12,7 @@ from rlreason.cli import main
 from rlreason.config import load_config
 from rlreason.logprobs import compiled_head_math
 from rlreason.runlog import read_jsonl
-from rlreason.trainer import Trainer, latest_checkpoint
+from rlreason.trainer import TokenMean, Trainer, latest_checkpoint, merge_process_stats
 
 
 def test_two_steps_write_a_complete_run_directory(tiny_llama, tmp_path):
@@ -166,3 +166,43 @@ def test_cuda_graph_layout_trains_like_the_plain_one(tmp_path, monkeypatch):
     for step_plain, step_graphed in zip(plain, graphed, strict=True):  # each step's gradient, bf16 autocast's rounding apart
         a, b = torch.cat([g.flatten() for g in step_plain]), torch.cat([g.flatten() for g in step_graphed])
         assert float((a - b).norm()) < 0.01 * float(a.norm())
+
+
+@pytest.fixture
+def float32_accelerator():
+    """Accelerate's state is one per process and keeps the first mixed precision asked for: start this test's
+    float32 one afresh, and leave none behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_token_mean_metrics_do_not_depend_on_the_micro_batch_split(tiny_llama, tmp_path, float32_accelerator):
+    """entropy, ratio, kl and the clip fractions are means over the step's tokens, whatever the micro-batches (in
+    float32: bf16 autocast rounds differently for each micro-batch shape)."""
+    results = {}
+    for size in (8, 4, 2):
+        path = write_config(
+            tmp_path / f"{size}.yaml", tiny_llama, tmp_path / f"run-{size}", rewards=[{"name": "conftest:char_codes"}],
+            rollout={"max_new_tokens": 48},
+            train={"micro_batch_size": size, "num_iterations": 2, "learning_rate": 0.05, "beta": 0.1, "bf16": "false"},
+            run={"eval_before": False},
+        )
+        results[size] = Trainer(load_config(path)).train_step()
+    whole = results[8]
+    assert len({round(c["length"]) for c in read_jsonl(tmp_path / "run-8" / "completions.jsonl")}) > 2  # lengths differ
+    assert whole["clip_fraction"] > 0 and whole["ratio"] != 1.0
+    for size in (4, 2):
+        for key in ("entropy", "ratio", "kl", "clip_fraction", "clip_fraction_low", "clip_fraction_high"):
+            assert results[size][key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), (size, key)
+
+
+def test_stats_of_processes_merge_into_the_step_s_token_means_and_counts():
+    """Each process's token means carry their token counts, so the step's mean weighs each token once."""
+    first = {"entropy": TokenMean(10.0, 10.0), "overlong/masked": 1, "grad_norm": 2.0, "loss": 0.5}
+    second = {"entropy": TokenMean(90.0, 30.0), "overlong/masked": 2, "grad_norm": 2.0, "loss": 1.5}
+    merged = merge_process_stats([first, second])
+    assert merged["entropy"].value == 2.5  # 100 / 40 tokens; the mean of the two process means would be 2.0
+    assert merged["overlong/masked"] == 3 and merged["grad_norm"] == 2.0 and merged["loss"] == 1.0
