@@ -5,7 +5,7 @@
 Times, with CUDA events over many repeats: the Triton decode attention (with --sweep: for each tile and launch
 shape; at an early, a middle and a late step), the four projections of a layer through cuBLAS (the output ones also as the in-place
 ``addmm_`` the engine uses), the other kernels of a layer, a whole layer, and one step's draw and bookkeeping by
-PyTorch ops against ``sample_and_record``; so the launch shape in rlreason._triton_decode.ATTENTION_LAUNCH is
+PyTorch ops against ``sample_and_record``; so the launch shape in rlreason.rollout.triton_decode.ATTENTION_LAUNCH is
 chosen by measurement, and a layer's time can be read against the sum of its parts.
 """
 
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from rlreason import _triton_decode as K  # noqa: E402
-from rlreason import sampling  # noqa: E402
+from rlreason.rollout import sampling  # noqa: E402
+from rlreason.rollout import triton_decode as K  # noqa: E402
 
 
 def time_us(fn, reps: int = 50, replays: int = 10) -> float:

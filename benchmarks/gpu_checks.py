@@ -54,10 +54,10 @@ def ceilings() -> tuple[float, float]:
 
 
 def check_engine(tokenizer, directory: Path) -> None:
-    from rlreason.fast_rollout import FastEngine
-    from rlreason.logprobs import completion_logprobs
     from rlreason.models import load_model
-    from rlreason.rollout import HFEngine, SamplingParams
+    from rlreason.rollout.engine import HFEngine, SamplingParams
+    from rlreason.rollout.fast import FastEngine
+    from rlreason.training.logprobs import completion_logprobs
     from tasks.prompts import render
 
     prompts = tokenizer([render(tokenizer, r["prompt"]) for r in workload.rows(6)], add_special_tokens=False)["input_ids"]
@@ -113,8 +113,8 @@ def check_engine(tokenizer, directory: Path) -> None:
 
 
 def check_compiled_padding(tokenizer, directory: Path) -> None:
-    from rlreason.logprobs import completion_logprobs
     from rlreason.models import compile_decoder, load_model
+    from rlreason.training.logprobs import completion_logprobs
 
     workload.build_model("tiny", directory / "tiny-bf16", tokenizer, torch.bfloat16)
     g = torch.Generator().manual_seed(0)

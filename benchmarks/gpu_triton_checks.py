@@ -18,11 +18,11 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton needs a GPU here, or TRITON_INTERPRET=1", allow_module_level=True)
 
-from rlreason import _triton_decode as K  # noqa: E402
-from rlreason import sampling  # noqa: E402
-from rlreason.fast_rollout import FastEngine  # noqa: E402
 from rlreason.models import load_model, load_tokenizer  # noqa: E402
-from rlreason.rollout import HFEngine, SamplingParams  # noqa: E402
+from rlreason.rollout import sampling  # noqa: E402
+from rlreason.rollout import triton_decode as K  # noqa: E402
+from rlreason.rollout.engine import HFEngine, SamplingParams  # noqa: E402
+from rlreason.rollout.fast import FastEngine  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -161,7 +161,7 @@ def test_triton_compaction_keeps_every_row(tmp_path):
 def test_compiled_head_math_with_inductor():
     """train.compile's head math as inductor generates it for the GPU, against the eager functions (the CPU suite
     checks the compiled graphs without code generation)."""
-    from rlreason import logprobs
+    from rlreason.training import logprobs
 
     torch.manual_seed(0)
     compiled = logprobs.compiled_head_math()

@@ -114,7 +114,7 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
         TaskConfig,
         TrainConfig,
     )
-    from rlreason.trainer import Trainer
+    from rlreason.training.trainer import Trainer
 
     _register_bench_task(rows)
     P, G, L = args.prompts, args.group, args.max_new_tokens

@@ -22,7 +22,7 @@ from reasoning_gym import create_dataset  # noqa: E402
 from rewards.code import PRELOAD, function_tests_job, pass_fractions  # noqa: E402
 from rewards.logic import reasoning_gym_scores  # noqa: E402
 from rewards.math import score_answers  # noqa: E402
-from rewards.sandbox import SandboxPool  # noqa: E402
+from rewards.sandbox.pool import SandboxPool  # noqa: E402
 
 
 def rate(label: str, count: int, run: Callable[[], object]) -> float:

@@ -5,7 +5,7 @@ Sample fields (a row with neither ``tests`` nor ``io_tests`` scores None):
   Asserts (``"assert add(1, 2) == 3"``), or a HumanEval ``check`` definition followed by
   ``check(<entry_point>)``. Tests run in a judge process that never runs the program: a name a test uses
   without defining it calls the program's function of that name in its own sandboxed process, with plain
-  data both ways (``rewards.harness`` says what that allows and what not). A single string is a single
+  data both ways (``rewards.sandbox.harness`` says what that allows and what not). A single string is a single
   test; a list gives a pass-rate signal per test. Within one dataset, use one type for every row (Arrow
   columns have one type).
 - ``io_tests``: list of ``{"input": str, "output": str}``: the program reads stdin and must print the output;
@@ -19,7 +19,7 @@ is the program; otherwise there is no program and the score is 0.
 
 Rewards: ``code_tests`` (fraction of the row's tests passed) and ``code_tests_all`` (1.0 only if all passed).
 ``tests`` and ``io_tests`` of one completion are two sandbox jobs (each a judge and a candidate process); the
-jobs of a batch run in parallel, within the batch deadline the scorer sets (rewards.sandbox): a completion
+jobs of a batch run in parallel, within the batch deadline the scorer sets (rewards.sandbox.pool): a completion
 whose job is killed at the deadline, or never started, keeps what its tests had passed by then.
 """
 
@@ -30,12 +30,12 @@ from typing import Any
 
 from rewards.extract import answer_region
 from rewards.registry import reward
-from rewards.sandbox import Candidate, Job, Limits, Outcome, SandboxPool, shared_pool
+from rewards.sandbox.pool import Candidate, Job, Limits, Outcome, SandboxPool, shared_pool
 
 DEFAULT_TIMEOUT_S = 10.0
 OUTPUT_BYTES = 1 << 20
 # modules a test or program is likely to import, imported once in the zygote instead of in every job
-PRELOAD = ("rewards.harness", "rewards.candidate", "math", "re", "collections", "itertools", "functools", "heapq",
+PRELOAD = ("rewards.sandbox.harness", "rewards.sandbox.candidate", "math", "re", "collections", "itertools", "functools", "heapq",
            "bisect", "string", "random", "copy", "fractions", "decimal", "statistics", "typing", "json", "unittest")
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -71,8 +71,8 @@ def count_tests(sample: dict[str, Any]) -> int:
 
 def function_tests_job(program: str, tests: list[str], limits: Limits | None = None) -> Job:
     """The sandbox job that runs ``tests`` in a judge against ``program`` in its candidate process."""
-    return Job("rewards.harness:function_tests", {"tests": tests}, limits or Limits(),
-               Candidate("rewards.candidate:serve", {"program": program}))
+    return Job("rewards.sandbox.harness:function_tests", {"tests": tests}, limits or Limits(),
+               Candidate("rewards.sandbox.candidate:serve", {"program": program}))
 
 
 def _jobs(program: str, sample: dict[str, Any]) -> list[Job]:
@@ -85,8 +85,8 @@ def _jobs(program: str, sample: dict[str, Any]) -> list[Job]:
         args = {"program": program, "inputs": [case["input"] for case in cases], "case_timeout_s": timeout,
                 "output_bytes": OUTPUT_BYTES}
         limits = Limits(timeout_s=timeout * len(cases) + 1, output_bytes=OUTPUT_BYTES * (len(cases) + 1))
-        jobs.append(Job("rewards.harness:io_relay", {"cases": len(cases)}, limits,
-                        Candidate("rewards.candidate:io_outputs", args)))
+        jobs.append(Job("rewards.sandbox.harness:io_relay", {"cases": len(cases)}, limits,
+                        Candidate("rewards.sandbox.candidate:io_outputs", args)))
     return jobs
 
 

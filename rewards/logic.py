@@ -32,7 +32,7 @@ from typing import Any
 from rewards.answer_grammar import canonical_answer
 from rewards.extract import answer_block, final_answer
 from rewards.registry import reward
-from rewards.sandbox import Job, Limits, SandboxPool, shared_pool
+from rewards.sandbox.pool import Job, Limits, SandboxPool, shared_pool
 
 MAX_ANSWER_CHARS = 20_000
 LIMITS = Limits(timeout_s=5.0, memory_mb=1024, processes=4, output_bytes=1 << 16)

@@ -24,7 +24,7 @@ from typing import Any
 from rewards.extract import final_answer, is_hedged
 from rewards.logic import is_reasoning_gym_row
 from rewards.registry import reward
-from rewards.sandbox import Job, Limits, SandboxPool, shared_pool
+from rewards.sandbox.pool import Job, Limits, SandboxPool, shared_pool
 
 MAX_ANSWER_CHARS = 1000
 LIMITS = Limits(timeout_s=5.0, memory_mb=1024, processes=4, output_bytes=1 << 16)

@@ -20,7 +20,7 @@ def _config_from(target: str, overrides: list[str]) -> tuple[Config, Path | None
     checkpoint, else the model ``rlreason sft`` saved)."""
     path = Path(target)
     if path.is_dir():
-        from rlreason.distill import run_model
+        from rlreason.training.distill import run_model
 
         if not (path / "config.yaml").is_file():
             raise ConfigError([f"{path} is a directory without config.yaml, so it is not a run directory"])
@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(config: Config, resume: bool) -> int:
-    from rlreason.trainer import Trainer, TrainingDiverged
+    from rlreason.training.trainer import Trainer, TrainingDiverged
 
     try:
         trainer = Trainer(config, resume=resume)
@@ -62,7 +62,7 @@ def _train(config: Config, resume: bool) -> int:
 
 def _interrupted(config: Config | None, args: argparse.Namespace) -> str:
     """Where the run can be picked up again, and the command that does it."""
-    from rlreason.runlog import checkpoint_step, latest_checkpoint
+    from rlreason.observe.runlog import checkpoint_step, latest_checkpoint
 
     launcher = "accelerate launch -m rlreason.train" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "rlreason train"
     command = f"{launcher} {shlex.join([args.config, *args.overrides])} --resume"
@@ -82,15 +82,22 @@ def _stdout_closed() -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate as the trainer does (``rlreason.evaluate``), print the table, and keep the report as a new file:
+    """Evaluate as the trainer does (``rlreason.observe.evaluate``), print the table, and keep the report as a new file:
     ``--out``, or ``eval-<step or model>-<UTC time>.json`` under the run directory's eval reports."""
     import torch
 
-    from rlreason.distill import run_model
-    from rlreason.evaluate import eval_split, evaluate_config, fmt, policy_engine, report_path, write_report
     from rlreason.models import load_model, load_tokenizer
-    from rlreason.runlog import EVAL_REPORT
+    from rlreason.observe.evaluate import (
+        eval_split,
+        evaluate_config,
+        fmt,
+        policy_engine,
+        report_path,
+        write_report,
+    )
+    from rlreason.observe.runlog import EVAL_REPORT
     from rlreason.scoring import resolve_rewards
+    from rlreason.training.distill import run_model
 
     config, run_dir = _config_from(args.target, args.overrides)
     out = Path(args.out) if args.out else None
@@ -122,7 +129,7 @@ def _print_sft(result: dict) -> None:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from rlreason.distill import fine_tune
+    from rlreason.training.distill import fine_tune
 
     _print_sft(fine_tune(load_config(args.config, args.overrides)))
     return 0
@@ -136,7 +143,7 @@ def _print_sample(stats: dict) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from rlreason.distill import SAMPLES_FILE, rejection_sample, run_model
+    from rlreason.training.distill import SAMPLES_FILE, rejection_sample, run_model
 
     extra = [f"sample.{key}={value}" for key, value in (("n", args.n), ("keep", args.keep)) if value is not None]
     config, run_dir = _config_from(args.target, extra + args.overrides)
@@ -149,7 +156,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from rlreason.distill import distill
+    from rlreason.training.distill import distill
 
     result = distill(load_config(args.config, args.overrides))
     _print_sample(result["sample"])
@@ -176,8 +183,8 @@ def cmd_traces(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import re
 
-    from rlreason import inspect_run
-    from rlreason.report import write_report
+    from rlreason.observe import inspect_run
+    from rlreason.observe.report import write_report
 
     try:
         run = inspect_run.load_run(args.run_dir)

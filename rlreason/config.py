@@ -76,7 +76,7 @@ class RolloutConfig:
     top_k: int = 0
     """0 disables top-k filtering."""
     engine: str = "hf"
-    """Rollout engine: "hf" (transformers ``generate``, the reference path) or "fast" (rlreason.fast_rollout: each
+    """Rollout engine: "hf" (transformers ``generate``, the reference path) or "fast" (rlreason.rollout.fast: each
     prompt prefilled once for its group, static KV cache, CUDA graphs on a GPU, log-probs recorded while sampling;
     Llama, Mistral, Qwen2 and Qwen3 models; the same tokens as "hf" for the same seeds)."""
 
@@ -164,7 +164,7 @@ class TrainConfig:
     """Compute each group's prompt once in the log-prob passes: one row holds the prompt and its G completions,
     each completion attending to the prompt and itself (the same loss and gradients as separate rows,
     tests/test_logprobs.py). The prompt's share of the forward and backward FLOPs is divided by G. With sdpa models
-    attention runs as the prompt plus one short sequence per completion (rlreason.logprobs.shared_prompt_attention);
+    attention runs as the prompt plus one short sequence per completion (rlreason.training.logprobs.shared_prompt_attention);
     eager models get a tree-shaped mask over the whole row; other attention implementations are refused."""
     packing: bool = False
     """Lay each micro-batch's sequences end to end in unpadded rows for the log-prob passes (attention kept inside a

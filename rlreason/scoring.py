@@ -4,7 +4,7 @@ A reward that raises, returns garbage or outlives its timeout scores 0 for that 
 error kept in ``Scores.errors``), so one broken verifier never ends a run. ``None`` ("does not apply to this
 sample") is kept as NaN in its column and contributes nothing to the total.
 
-Timeouts: each reward call gets ``timeout`` seconds as a batch deadline (``rewards.sandbox.batch_deadline``),
+Timeouts: each reward call gets ``timeout`` seconds as a batch deadline (``rewards.sandbox.pool.batch_deadline``),
 which sandboxed verifiers honour per completion: jobs still running at the deadline are killed and jobs not
 started are not run, each scoring what it managed (0 for a program that hung), while completions whose jobs
 finished keep their scores. A reward runs in a worker thread; if it has not returned LAST_RESORT_S after the
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from rewards.registry import RewardFn, get_reward, registered_name, required_fields
-from rewards.sandbox import batch_deadline
+from rewards.sandbox.pool import batch_deadline
 
 log = logging.getLogger(__name__)
 LAST_RESORT_S = 2.0

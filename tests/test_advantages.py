@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlreason.advantages import (
+from rlreason.objective.advantages import (
     STD_EPS,
     compute_advantages,
     group_advantages,

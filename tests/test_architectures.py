@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from rewards.registry import reward
 from rlreason.config import load_config
-from rlreason.trainer import Trainer
+from rlreason.training.trainer import Trainer
 
 
 @reward("architectures_alternating")

@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from rewards.math import extract_answer, parse_number
 from rlreason.cli import main
 from rlreason.config import ConfigError, load_config
-from rlreason.distill import build_records, keep_indices
 from rlreason.scoring import Scores
+from rlreason.training.distill import build_records, keep_indices
 from tasks.prompts import chat
 from tasks.registry import task
 from tasks.sources import split_of
@@ -171,7 +171,7 @@ def test_sample_section_is_validated():
 
 def test_distill_needs_a_teacher(tmp_path):
     config = load_config(None, ["sft.steps=5", f"run.output_dir={tmp_path}"])
-    from rlreason.distill import distill
+    from rlreason.training.distill import distill
 
     with pytest.raises(ConfigError, match="sample.teacher"):
         distill(config)

@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_model, write_config
 from transformers import AutoModelForCausalLM
 
-from rlreason.runlog import read_jsonl
+from rlreason.observe.runlog import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_PROCESSES = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"

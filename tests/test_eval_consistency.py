@@ -8,8 +8,8 @@ from conftest import make_tiny_model, write_config
 
 from rlreason.cli import main
 from rlreason.config import load_config
-from rlreason.evaluate import eval_split
-from rlreason.trainer import Trainer
+from rlreason.observe.evaluate import eval_split
+from rlreason.training.trainer import Trainer
 from tasks.sources import split_of
 
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import write_config
 
 from rlreason.cli import main
-from rlreason.evaluate import sampled_metrics
+from rlreason.observe.evaluate import sampled_metrics
 from rlreason.scoring import Scores
 
 

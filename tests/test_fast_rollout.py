@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import build_char_tokenizer, tiny_config
 
-from rlreason.fast_rollout import FastEngine, _Weights, unsupported_reason
-from rlreason.logprobs import completion_logprobs
 from rlreason.models import load_model, load_tokenizer
-from rlreason.rollout import HFEngine, SamplingParams
+from rlreason.rollout.engine import HFEngine, SamplingParams
+from rlreason.rollout.fast import FastEngine, _Weights, unsupported_reason
+from rlreason.training.logprobs import completion_logprobs
 
 LOGPROB_ATOL = 1e-4
 
@@ -81,7 +81,7 @@ def test_greedy_equals_reference(model_and_tokenizer):
 
 @pytest.mark.parametrize("filters", [{}, {"top_k": 5, "top_p": 0.9, "temperature": 0.7}])
 def test_seeded_sampling_equals_reference(llama, filters):
-    """With the same completion seeds, both engines draw the same tokens (rlreason.sampling)."""
+    """With the same completion seeds, both engines draw the same tokens (rlreason.rollout.sampling)."""
     model, tokenizer = llama
     params = SamplingParams(max_new_tokens=16, **filters)
     seeds = list(range(100, 112))
@@ -131,8 +131,8 @@ def test_a_training_step_with_the_fast_engine_packing_and_rollout_logprobs(tiny_
     from conftest import write_config
 
     from rlreason.config import load_config
-    from rlreason.fast_rollout import FastEngine as Fast
-    from rlreason.trainer import Trainer
+    from rlreason.rollout.fast import FastEngine as Fast
+    from rlreason.training.trainer import Trainer
 
     path = write_config(
         tmp_path / "c.yaml", tiny_llama, tmp_path / "run",

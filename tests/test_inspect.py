@@ -13,10 +13,10 @@ import pytest
 from conftest import write_config
 
 from rlreason.cli import main
-from rlreason.inspect_run import distinct, load_run, select, sparkline
-from rlreason.reasoning import Milestones
-from rlreason.report import report_data, write_report
-from rlreason.runlog import Progress, read_jsonl, step_line
+from rlreason.observe.inspect_run import distinct, load_run, select, sparkline
+from rlreason.observe.reasoning import Milestones
+from rlreason.observe.report import report_data, write_report
+from rlreason.observe.runlog import Progress, read_jsonl, step_line
 
 
 @pytest.fixture(scope="module")

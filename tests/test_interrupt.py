@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import write_config
 
-from rlreason.runlog import read_jsonl
+from rlreason.observe.runlog import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}

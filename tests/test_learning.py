@@ -6,7 +6,7 @@ from conftest import make_tiny_model, write_config
 
 from rewards.registry import reward
 from rlreason.config import load_config
-from rlreason.trainer import Trainer
+from rlreason.training.trainer import Trainer
 from tasks.prompts import chat
 from tasks.registry import task
 

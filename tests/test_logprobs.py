@@ -9,9 +9,14 @@ import torch
 from conftest import build_char_tokenizer, tiny_config
 from transformers import AutoModelForCausalLM
 
-import rlreason.logprobs as lp_module
-from rlreason.logprobs import _full_logits_path, completion_logprobs, logprob_inputs, logprobs_from_inputs
+import rlreason.training.logprobs as lp_module
 from rlreason.models import compile_decoder
+from rlreason.training.logprobs import (
+    _full_logits_path,
+    completion_logprobs,
+    logprob_inputs,
+    logprobs_from_inputs,
+)
 
 
 def _tiny(tmp_path, arch):

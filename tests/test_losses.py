@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rlreason.losses import (
+from rlreason.objective.losses import (
     clipped_surrogate,
     grpo_token_weights,
     high_entropy_mask,

@@ -3,7 +3,7 @@
 from conftest import write_config
 
 from rlreason.cli import main
-from rlreason.runlog import read_jsonl
+from rlreason.observe.runlog import read_jsonl
 
 
 def test_mixed_math_and_logic_run(tiny_llama, tmp_path):

@@ -5,14 +5,14 @@ import pytest
 import torch
 from conftest import make_tiny_model, write_config
 
-import rlreason.trainer as trainer_module
+import rlreason.training.trainer as trainer_module
 from rewards.registry import reward
 from rlreason.cli import main
 from rlreason.config import ConfigError, load_config
-from rlreason.logprobs import completion_logprobs
-from rlreason.rollout import Rollout, concat_rollouts
-from rlreason.runlog import read_jsonl
-from rlreason.trainer import Trainer
+from rlreason.observe.runlog import read_jsonl
+from rlreason.rollout.engine import Rollout, concat_rollouts
+from rlreason.training.logprobs import completion_logprobs
+from rlreason.training.trainer import Trainer
 
 SIGNAL = [{"name": "objectives_position"}]  # every group has signal, whatever a random model samples
 NO_EVAL = {"eval_before": False}

@@ -7,7 +7,7 @@ from math import comb
 
 import pytest
 
-from rlreason.passk import maj_at_k, mean_pass_at_k, pass_at_k
+from rlreason.observe.passk import maj_at_k, mean_pass_at_k, pass_at_k
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from rlreason.config import ConfigError, RunConfig, load_config
-from rlreason.reasoning import (
+from rlreason.observe.reasoning import (
     Milestones,
     answer_changes,
     candidate_answers,

@@ -17,8 +17,8 @@ import pytest
 from rewards.code import code_pool, function_tests_job, pass_fractions
 from rewards.format import think_format
 from rewards.math import math_accuracy
-from rewards.sandbox import Limits
-from rewards.zygote import JOB_UID_BASE
+from rewards.sandbox.pool import Limits
+from rewards.sandbox.zygote import JOB_UID_BASE
 
 TIMEOUT_S = 1.5
 SLACK_S = 4.0  # zygote start-up and process teardown on a loaded 2-core machine
@@ -235,7 +235,7 @@ def test_redefining_the_checker_or_its_helpers():
     patch_module = "import math\nmath.isclose = lambda *a, **k: True\ndef f(x):\n    return 0.5\n"
     assert score(patch_module, ["import math\nassert math.isclose(f(1), 2)"]) == 0.0
     patch_harness = (
-        "import sys\ndef f(x):\n    harness = sys.modules['rewards.harness']\n"
+        "import sys\ndef f(x):\n    harness = sys.modules['rewards.sandbox.harness']\n"
         "    harness._passes = lambda run: True\n    harness.GUARD = 'nothing'\n    return 0\n"
     )
     assert score(patch_harness, ["assert f(1) == 2", "assert f(2) == 4"]) == 0.0

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from rewards import wire
 from rewards.code import code_tests
-from rewards.harness import free_names
-from rewards.wire import WireError
+from rewards.sandbox import wire
+from rewards.sandbox.harness import free_names
+from rewards.sandbox.wire import WireError
 
 
 def answer(program: str) -> str:

@@ -9,7 +9,7 @@ import pytest
 from reasoning_gym import create_dataset
 
 from rewards.logic import exact_match, logic_accuracy, normalise
-from rewards.sandbox import Limits
+from rewards.sandbox.pool import Limits
 
 FAMILIES = ("countdown", "n_queens", "binary_matrix", "spiral_matrix", "string_insertion", "knights_knaves")
 

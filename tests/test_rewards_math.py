@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rewards.math import extract_answer, math_accuracy, parse_number, score_answers
-from rewards.sandbox import Outcome
+from rewards.sandbox.pool import Outcome
 
 
 class NoPool:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rewards.sandbox import Job, Limits, SandboxError, SandboxPool, batch_deadline, parse_results
-from rewards.zygote import JOB_UID_BASE
+from rewards.sandbox.pool import Job, Limits, SandboxError, SandboxPool, batch_deadline, parse_results
+from rewards.sandbox.zygote import JOB_UID_BASE
 
 ECHO = "tests.sandbox_jobs:echo"
 
@@ -93,14 +93,14 @@ def _status(path: Path) -> dict[str, str]:
 
 
 def boot_with(patch: str) -> str:
-    """A zygote start command with ``patch`` applied to rewards.zygote (bound to ``z``) before it serves."""
-    return f"import sys; sys.path.insert(0, sys.argv[1]); import rewards.zygote as z; {patch}; z.main()"
+    """A zygote start command with ``patch`` applied to rewards.sandbox.zygote (bound to ``z``) before it serves."""
+    return f"import sys; sys.path.insert(0, sys.argv[1]); import rewards.sandbox.zygote as z; {patch}; z.main()"
 
 
 def test_an_unresponsive_zygote_is_killed_at_the_grace_deadline(monkeypatch):
-    monkeypatch.setattr("rewards.sandbox.GRACE_S", 0.5)
+    monkeypatch.setattr("rewards.sandbox.pool.GRACE_S", 0.5)
     monkeypatch.setattr(
-        "rewards.sandbox._BOOT",
+        "rewards.sandbox.pool._BOOT",
         boot_with("import time; z.run_job = lambda request, strong: time.sleep(1000)"),
     )
     hanging = SandboxPool(workers=1)
@@ -130,7 +130,7 @@ def test_bad_isolation_mode_and_missing_namespaces(monkeypatch):
     with pytest.raises(ValueError, match="isolation"):
         SandboxPool(isolation="none")
     refuse = "def refuse(hide, import_path):\n    raise OSError(1, 'refused')"
-    monkeypatch.setattr("rewards.sandbox._BOOT", boot_with(f"exec({refuse!r}); z.isolate = refuse"))
+    monkeypatch.setattr("rewards.sandbox.pool._BOOT", boot_with(f"exec({refuse!r}); z.isolate = refuse"))
     strict = SandboxPool(workers=1)
     with pytest.raises(SandboxError, match="namespaces unavailable.*RLREASON_SANDBOX=fallback"):
         strict.run(Job(ECHO, {"items": []}))

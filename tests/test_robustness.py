@@ -13,8 +13,8 @@ from conftest import make_tiny_model, write_config
 
 from rewards.registry import reward
 from rlreason.config import load_config
-from rlreason.runlog import read_jsonl
-from rlreason.trainer import Trainer, TrainingDiverged
+from rlreason.observe.runlog import read_jsonl
+from rlreason.training.trainer import Trainer, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 

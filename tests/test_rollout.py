@@ -3,7 +3,7 @@
 import torch
 
 from rlreason.models import load_model, load_tokenizer
-from rlreason.rollout import HFEngine, SamplingParams, completion_mask, left_pad
+from rlreason.rollout.engine import HFEngine, SamplingParams, completion_mask, left_pad
 
 
 def test_left_pad():

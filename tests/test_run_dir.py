@@ -8,8 +8,8 @@ from conftest import write_config
 
 from rlreason.cli import main
 from rlreason.config import load_config
-from rlreason.runlog import read_jsonl
-from rlreason.trainer import Trainer
+from rlreason.observe.runlog import read_jsonl
+from rlreason.training.trainer import Trainer
 
 
 def traces(path: Path, n: int = 4) -> Path:

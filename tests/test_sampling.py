@@ -1,6 +1,6 @@
 import torch
 
-from rlreason.sampling import DRAW_BLOCK, draw, uniforms
+from rlreason.rollout.sampling import DRAW_BLOCK, draw, uniforms
 
 
 def flat_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

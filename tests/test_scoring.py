@@ -7,7 +7,7 @@ import numpy as np
 
 from rewards.code import code_tests_all
 from rewards.format import think_format
-from rewards.sandbox import SandboxError
+from rewards.sandbox.pool import SandboxError
 from rlreason.scoring import WeightedReward, resolve_rewards, score
 
 COMPLETIONS = ["a", "bb", "ccc"]

@@ -9,7 +9,7 @@ from conftest import make_tiny_model
 
 from rlreason.config import SFTConfig
 from rlreason.models import load_model, load_tokenizer
-from rlreason.sft import IGNORE, collate, encode_conversation, load_chat_jsonl, pack_rows, run_sft
+from rlreason.training.sft import IGNORE, collate, encode_conversation, load_chat_jsonl, pack_rows, run_sft
 from tasks.prompts import chat
 
 

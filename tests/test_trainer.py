@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from rlreason.cli import main
 from rlreason.config import load_config
-from rlreason.logprobs import compiled_head_math
-from rlreason.runlog import read_jsonl
-from rlreason.trainer import TokenMean, Trainer, latest_checkpoint, merge_process_stats
+from rlreason.observe.runlog import read_jsonl
+from rlreason.training.logprobs import compiled_head_math
+from rlreason.training.trainer import TokenMean, Trainer, latest_checkpoint, merge_process_stats
 
 
 def test_two_steps_write_a_complete_run_directory(tiny_llama, tmp_path):
@@ -138,7 +138,7 @@ def test_cuda_graph_layout_trains_like_the_plain_one(tmp_path, monkeypatch):
     gradients accumulate (tensors kept from step to step, zeroed after each update); with the compiler left out on
     the CPU, each step's gradient must be the plain layout's (the head's math compiled without code generation). The
     graphs themselves need a GPU (benchmarks/throughput.py --cuda-graphs). Updates are left out so that both runs see the same batches."""
-    import rlreason.trainer as trainer_module
+    import rlreason.training.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "compile_decoder", lambda model, **kw: None)
     monkeypatch.setattr(trainer_module, "compiled_head_math", lambda: compiled_head_math(backend="aot_eager"))

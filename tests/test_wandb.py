@@ -12,7 +12,7 @@ from pathlib import Path
 from conftest import write_config
 
 from rlreason.cli import main
-from rlreason.runlog import RunLog, read_jsonl
+from rlreason.observe.runlog import RunLog, read_jsonl
 
 
 def wandb_records(path: Path) -> list:

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the fast engine's decode step on CUDA (rlreason.fast_rollout, ``kernels="triton"``).
+"""Fused Triton kernels for the fast engine's decode step on CUDA (rlreason.rollout.fast, ``kernels="triton"``).
 
 A decode step is launch-bound at RL batch sizes: ~30 small PyTorch kernels per layer cost more than reading the
 weights. With these kernels a layer is seven launches: the four cuBLAS projections and three kernels here. Each
@@ -11,7 +11,7 @@ happen in the output projections themselves (``x.addmm_``). No launch is left fo
 - ``decode_attention``: each row's queries against its group's shared prompt cache, then its own completion
   cache up to the current step (the bound is read on the device: no width buckets), online softmax in float32
 - ``silu_mul``: the 1/rms(x) scale (and bias), silu(gate) * up
-- ``sample_and_record``: in two launches, the draw of ``rlreason.sampling.sample`` (temperature, the
+- ``sample_and_record``: in two launches, the draw of ``rlreason.rollout.sampling.sample`` (temperature, the
   per-completion uniform, the two-level inverse CDF over its blocks, the EOS ban of ``min_new_tokens``), the
   token's log-probability, and the step's bookkeeping (output token and log-prob, next input, finished rows):
   16 us a step against 209 us by PyTorch ops on an H200 (benchmarks/decode_kernels.py)
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlreason.sampling import DRAW_BLOCK
+from rlreason.rollout.sampling import DRAW_BLOCK
 
 
 @triton.jit
@@ -261,7 +261,7 @@ def _sample_blocks_kernel(LOGITS, s_logits, T, EOS, n_eos, min_new, temperature,
 
 @triton.jit
 def _mix(x):
-    """rlreason.sampling._mix on int64 (wrapping multiply; logical shifts done with masks)."""
+    """rlreason.rollout.sampling._mix on int64 (wrapping multiply; logical shifts done with masks)."""
     x = x ^ ((x >> 31) & ((1 << 33) - 1))
     x = x * -7046029254386353131
     x = x ^ ((x >> 29) & ((1 << 35) - 1))
@@ -319,7 +319,7 @@ def _sample_pick_kernel(
 def sample_and_record(logits, temperature: float, min_new_tokens: int, eos, seeds, t, row_ids, out_tokens,
                       out_logprobs, tokens, done) -> None:
     """One decode step's draw and bookkeeping for ``logits`` [R, V] (any float dtype): row r's token is
-    ``rlreason.sampling.sample`` at ``temperature`` (no top-k/top-p) with its seed and position ``t`` (0-d, on the
+    ``rlreason.rollout.sampling.sample`` at ``temperature`` (no top-k/top-p) with its seed and position ``t`` (0-d, on the
     device), EOS banned while t < ``min_new_tokens``; its log-probability is at the temperature before the ban. Writes
     ``out_tokens`` and ``out_logprobs`` [*, W] at (row_ids[r], t), ``tokens[r]``, and ``done[r] |= token is EOS``."""
     R, V = logits.shape

@@ -4,7 +4,7 @@
     outcome = pool.run(Job("rewards.logic:score_job", {"dataset": ..., "entry": ..., "answer": ...}, Limits()))
     outcome.results   # what the job (a generator function) yielded, e.g. [1.0]
 
-A pool keeps ``workers`` zygotes (see ``rewards.zygote`` for the isolation each job gets) and runs one job per
+A pool keeps ``workers`` zygotes (see ``rewards.sandbox.zygote`` for the isolation each job gets) and runs one job per
 zygote at a time, so ``map`` runs ``workers`` jobs in parallel. The trainer process decides pass/fail: a job's
 results are only the lines that carry the job's secret nonce, which the parent generated; whatever else the job
 prints, an exit status it chose, or a job killed half-way cannot add a result. Deadlines are hard: the zygote
@@ -15,7 +15,7 @@ The nonce only protects results from what a job prints, not from code running in
 frame or ``gc`` walk finds it). Work that runs model-written code must therefore be a pair: a ``Job`` with a
 ``candidate`` runs the candidate in a process of its own, forked before the job's request (args, nonce) was
 read by anything it descends from, and the job (the judge) talks to it over a plain-data channel; only the
-judge's output is read for results (``rewards.harness``, ``rewards.candidate``).
+judge's output is read for results (``rewards.sandbox.harness``, ``rewards.sandbox.candidate``).
 
 Batch deadlines: inside ``batch_deadline(seconds)`` (``rlreason.scoring`` sets one per reward call), ``map``
 shares the time left among its jobs: each job starts with at most ``time left / rounds left`` (rounds of
@@ -24,7 +24,7 @@ left is not run. Both are reported as ``status="timeout"`` with the results they
 
 Isolation (``isolation`` argument, else the RLREASON_SANDBOX environment variable): "strong" (default) needs
 Linux namespaces and fails with an error naming the cause where they are refused; "fallback" uses them when
-available and otherwise the weaker mode described in ``rewards.zygote``; "weak" always uses the weaker mode.
+available and otherwise the weaker mode described in ``rewards.sandbox.zygote``; "weak" always uses the weaker mode.
 Zygotes get the trainer's own ``sys.path`` (kept visible, read-only, wherever it lies) and are started per
 process: after ``fork`` (multiprocessing) a child's pools forget the parent's zygotes and start their own.
 """
@@ -54,14 +54,14 @@ from pathlib import Path
 from queue import Queue
 from typing import Any, NamedTuple
 
-from rewards.zygote import JOB_PATH, encode_message
+from rewards.sandbox.zygote import JOB_PATH, encode_message
 
 ISOLATION_MODES = ("strong", "fallback", "weak")
 START_TIMEOUT_S = 120.0
 GRACE_S = 10.0
 MAX_WORKERS = 8
-_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
-_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from rewards.zygote import main; main()"
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from rewards.sandbox.zygote import main; main()"
 _ZYGOTE_ENV = {"PATH": JOB_PATH, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg", "MPLCONFIGDIR": "/tmp/matplotlib"}
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("sandbox_deadline", default=None)

@@ -1,6 +1,6 @@
 """The isolated process behind a sandbox pool: it confines itself once, then forks one disposable child per job.
 
-``rewards.sandbox`` starts it as a fresh interpreter and talks length-prefixed JSON over its stdin/stdout.
+``rewards.sandbox.pool`` starts it as a fresh interpreter and talks length-prefixed JSON over its stdin/stdout.
 Why a zygote: a job needs an interpreter untouched by earlier untrusted input, but paying Python start-up
 plus imports (sympy 0.6 s, reasoning-gym 1.6 s) per job is far too slow. Forking a warm process that never
 runs untrusted code itself gives both.
@@ -19,7 +19,7 @@ Isolation ("strong" mode, needs Linux namespaces):
   capability dropped, so files the user can read outside /root and /home stay readable (never writable).
 Where namespaces are forbidden (e.g. Docker's default seccomp profile) the zygote runs "weak": rlimits, a
 private temporary directory, a non-root uid when started as root, and an audit hook that refuses sockets
-(bypassable through ctypes or a subprocess). The pool only accepts weak mode when asked to (rewards.sandbox).
+(bypassable through ctypes or a subprocess). The pool only accepts weak mode when asked to (rewards.sandbox.pool).
 
 A job is ``module:function`` returning an iterable; every item it yields is written to the output pipe on a
 line that starts with a per-job secret nonce, so output the job's untrusted code prints cannot pass for a
@@ -101,7 +101,7 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
     _check(_libc.mount(_encode(source), _encode(target), _encode(fstype), flags, _encode(data)), f"mount {target}")
 
 
-# ---------------------------------------------------------------- framing (shared with rewards.sandbox)
+# ---------------------------------------------------------------- framing (shared with rewards.sandbox.pool)
 
 def encode_message(message: dict[str, Any]) -> bytes:
     body = json.dumps(message).encode()

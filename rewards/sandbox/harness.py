@@ -1,10 +1,10 @@
 """The judge's side of a code job: runs a row's tests and decides each verdict; never runs model-written code.
 
-A code job is two sandbox processes (``rewards.zygote``): the candidate (``rewards.candidate``), which runs
+A code job is two sandbox processes (``rewards.sandbox.zygote``): the candidate (``rewards.sandbox.candidate``), which runs
 the program, and this judge, which holds the tests and the verdict channel (its stdout, nonce-framed). The
 candidate is forked before the judge's request reaches any process it descends from, so it never sees the
 tests, their expected values or the nonce, and it shares no memory, files or PID namespace with the judge.
-They talk over a pair of pipes in plain data only (``rewards.wire``: exact built-in types, size and depth caps).
+They talk over a pair of pipes in plain data only (``rewards.sandbox.wire``: exact built-in types, size and depth caps).
 
 - ``function_tests``: each test program (assert statements, or a HumanEval ``check`` followed by
   ``check(entry_point)``) runs here, in a fresh namespace holding only what the test defines and imports.
@@ -48,8 +48,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from rewards.candidate import MUTABLE
-from rewards.wire import WireError, receive, send
+from rewards.sandbox.candidate import MUTABLE
+from rewards.sandbox.wire import WireError, receive, send
 
 GUARD = "__rlreason_plain__"
 _SCALARS = (int, float, complex, str, bytes, bytearray, bool, type(None), type, range)

@@ -34,11 +34,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rewards.math import extract_answer
 from rlreason.data import encode_prompts, task_dataset
-from rlreason.fast_rollout import build_engine
 from rlreason.models import bf16_available
-from rlreason.passk import maj_at_k, mean_pass_at_k
-from rlreason.rollout import HFEngine, RolloutEngine, SamplingParams
-from rlreason.sampling import completion_seed
+from rlreason.observe.passk import maj_at_k, mean_pass_at_k
+from rlreason.rollout.engine import HFEngine, RolloutEngine, SamplingParams
+from rlreason.rollout.fast import build_engine
+from rlreason.rollout.sampling import completion_seed
 from rlreason.scoring import Scores, WeightedReward, score
 
 CORRECT = 1.0 - 1e-9

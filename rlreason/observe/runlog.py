@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from rlreason.reasoning import Milestones
+from rlreason.observe.reasoning import Milestones
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ CHECKPOINT_DIR = "checkpoints"
 SFT_MODEL_DIR = "sft-model"
 """Where ``rlreason sft`` saves the fine-tuned model inside its run directory."""
 EVAL_REPORT = "eval-reports"
-"""Where ``rlreason eval`` keeps its reports, one new file per evaluation (``rlreason.evaluate.report_path``)."""
+"""Where ``rlreason eval`` keeps its reports, one new file per evaluation (``rlreason.observe.evaluate.report_path``)."""
 WANDB_DIR = "wandb"
 
 RUN_OUTPUTS = (CONFIG, METRICS, COMPLETIONS, EVALS, SUMMARY, CHECKPOINT_DIR, SFT_MODEL_DIR, EVAL_REPORT, WANDB_DIR)

@@ -4,7 +4,7 @@ greedy answers to the held-out prompts changed between two evaluations.
 Everything here reads the run's JSONL files (never a model), so it works on a run in progress or on a copy
 of one; ``completions.jsonl`` is streamed, so it may be larger than memory. (Named ``inspect_run`` rather
 than ``inspect`` so that running a file of this package as a script cannot shadow the standard library's
-``inspect``.) The HTML report is in ``rlreason.report``.
+``inspect``.) The HTML report is in ``rlreason.observe.report``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import yaml
 
 from rewards.extract import final_answer
 from rlreason.config import MILESTONES
-from rlreason.reasoning import first_crossings
-from rlreason.runlog import COMPLETIONS, EVALS, METRICS, iter_jsonl, read_jsonl
+from rlreason.observe.reasoning import first_crossings
+from rlreason.observe.runlog import COMPLETIONS, EVALS, METRICS, iter_jsonl, read_jsonl
 
 CURVES = [
     ("Reward", ["reward", "rewards/*"]),

@@ -6,12 +6,12 @@ Same interface and, for the same seeds, the same completions as ``HFEngine`` (th
   (the group's queries attend the shared prompt cache, then each row its own completion cache);
 - a static KV cache; on CUDA each decode step (the whole forward, sampling and bookkeeping) is captured in a CUDA
   graph, so a step costs one graph launch. With Triton (``kernels="triton"``, the default on CUDA when it is
-  installed) the step is seven launches a layer (rlreason._triton_decode: the norms folded into the weights, the
+  installed) the step is seven launches a layer (rlreason.rollout.triton_decode: the norms folded into the weights, the
   residual added by the output projections) and two for the draw, and its attention reads the step number on the
   device, so one graph serves every step; the caches, graphs and weight copies are then freed after
   each call (``release_memory``) and generation adds nothing to the training step's peak memory. With
   ``kernels="torch"`` (any device) there is one graph per cache-width bucket of ``block`` slots;
-- sampling on the device with ``rlreason.sampling``'s per-completion seeds (temperature, top-k, top-p);
+- sampling on the device with ``rlreason.rollout.sampling``'s per-completion seeds (temperature, top-k, top-p);
 - the log-probability of every sampled token (at the sampling temperature, before top-k/top-p, like
   ``completion_logprobs``) recorded as it is sampled: ``Rollout.logprobs``;
 - finished rows stop costing: the loop ends when every row has ended, and when half of the rows have ended the
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlreason import sampling as seeded
-from rlreason.rollout import Rollout, SamplingParams, completion_mask, eos_token_ids, left_pad
+from rlreason.rollout import sampling as seeded
+from rlreason.rollout.engine import Rollout, SamplingParams, completion_mask, eos_token_ids, left_pad
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -274,7 +274,7 @@ class FastEngine:
             raise ValueError(f"kernels: 'torch' or 'triton', got {kernels!r}")
         self.kernels = kernels
         if kernels == "triton":
-            from rlreason import _triton_decode
+            from rlreason.rollout import triton_decode as _triton_decode
 
             self._triton = _triton_decode
         # the Triton step reads only the filled part of the cache, so one graph serves every step: nothing to keep
@@ -423,7 +423,7 @@ class FastEngine:
 
     def _sample(self, logits: torch.Tensor, seeds: torch.Tensor, t: torch.Tensor, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         """Token and its log-probability at the sampling temperature, for each row of float32 ``logits``: the draw
-        of ``rlreason.sampling.sample`` (what HFEngine uses), with the position ``t`` a tensor for CUDA graphs."""
+        of ``rlreason.rollout.sampling.sample`` (what HFEngine uses), with the position ``t`` a tensor for CUDA graphs."""
         temperature = 1.0 if sampling.greedy else sampling.temperature
         logprobs = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
         if sampling.min_new_tokens > 0:  # only the EOS columns are touched, in place (the logits are the step's own)
@@ -488,7 +488,7 @@ class FastEngine:
         self._record(ws, R, F.linear(self._rms(x, self.weights.norm), *self.weights.lm_head), sampling)
 
     def _step_triton(self, ws: _Workspace, rows_phase: bool, R: int, Pp: int, G: int, sampling: SamplingParams) -> None:
-        """The same step with the kernels of rlreason._triton_decode: seven launches a layer. The norms are folded
+        """The same step with the kernels of rlreason.rollout.triton_decode: seven launches a layer. The norms are folded
         into the weights (their 1/rms scale applied by the kernels after each projection), and the output
         projections add into the residual stream ``x`` themselves."""
         K, W, eps = self._triton, self.weights, self.eps
@@ -719,7 +719,7 @@ def seeded_draw(count: int) -> list[int]:
 def build_engine(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bf16: bool = False):
     """The engine ``rollout.engine`` names for ``model`` (which it reads afresh at every generate): "hf" or "fast"
     (computing in bf16 when training does)."""
-    from rlreason.rollout import HFEngine
+    from rlreason.rollout.engine import HFEngine
 
     if name == "hf":
         return HFEngine(model, tokenizer)

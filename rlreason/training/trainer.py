@@ -31,28 +31,19 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from rlreason import sft
-from rlreason.advantages import (
+from rlreason.config import Config, ConfigError, save_config
+from rlreason.data import PromptStream, encode_prompts, task_dataset
+from rlreason.models import compile_decoder, load_model, load_tokenizer
+from rlreason.objective.advantages import (
     compute_advantages,
     kl_penalised_rewards,
     overlong_penalty,
     zero_variance_groups,
 )
-from rlreason.config import Config, ConfigError, save_config
-from rlreason.data import PromptStream, encode_prompts, task_dataset
-from rlreason.evaluate import describe, eval_split, evaluate_config, policy_engine, precision
-from rlreason.logprobs import (
-    EAGER_HEAD,
-    LogprobInputs,
-    compiled_head_math,
-    logprob_inputs,
-    logprobs_from_inputs,
-)
-from rlreason.losses import high_entropy_mask, kl_divergence, policy_loss, token_weights
-from rlreason.models import compile_decoder, load_model, load_tokenizer
-from rlreason.reasoning import Milestones, length_stats, reasoning_stats, task_accuracy, token_counter
-from rlreason.rollout import Rollout, SamplingParams, concat_rollouts
-from rlreason.runlog import (
+from rlreason.objective.losses import high_entropy_mask, kl_divergence, policy_loss, token_weights
+from rlreason.observe.evaluate import describe, eval_split, evaluate_config, policy_engine, precision
+from rlreason.observe.reasoning import Milestones, length_stats, reasoning_stats, task_accuracy, token_counter
+from rlreason.observe.runlog import (
     CHECKPOINT_DIR,
     CHECKPOINT_NAME,
     COMPLETIONS,
@@ -68,8 +59,17 @@ from rlreason.runlog import (
     restart_logs,
     truncate_after,
 )
-from rlreason.sampling import completion_seed
+from rlreason.rollout.engine import Rollout, SamplingParams, concat_rollouts
+from rlreason.rollout.sampling import completion_seed
 from rlreason.scoring import Scores, concat_scores, missing_fields, resolve_rewards, score
+from rlreason.training import sft
+from rlreason.training.logprobs import (
+    EAGER_HEAD,
+    LogprobInputs,
+    compiled_head_math,
+    logprob_inputs,
+    logprobs_from_inputs,
+)
 
 log = logging.getLogger(__name__)
 

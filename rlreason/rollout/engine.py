@@ -18,7 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlreason.sampling import sample
+from rlreason.rollout.sampling import sample
 
 
 @dataclass
@@ -60,7 +60,7 @@ class RolloutEngine(Protocol):
     def generate(
         self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, seeds: list[int] | None = None
     ) -> Rollout:
-        """``seeds``: one per completion (``rlreason.sampling.completion_seed``); None draws them from torch's RNG."""
+        """``seeds``: one per completion (``rlreason.rollout.sampling.completion_seed``); None draws them from torch's RNG."""
         ...
 
 
@@ -70,7 +70,7 @@ def draw_seeds(count: int) -> list[int]:
 
 
 class SeededSampler(LogitsProcessor):
-    """Samples each row with its own seed (rlreason.sampling) and leaves ``generate`` only that token to pick."""
+    """Samples each row with its own seed (rlreason.rollout.sampling) and leaves ``generate`` only that token to pick."""
 
     def __init__(self, seeds: list[int], prompt_length: int, sampling: SamplingParams):
         self.seeds = torch.tensor(seeds, dtype=torch.long)

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rlreason.inspect_run import CURVES, Run
-from rlreason.runlog import spread
+from rlreason.observe.inspect_run import CURVES, Run
+from rlreason.observe.runlog import spread
 
 _KEEP = ("task", "prompt", "answer", "completion", "rewards", "total", "advantage", "length", "truncated")
 

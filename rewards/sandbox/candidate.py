@@ -1,9 +1,9 @@
 """The candidate's side of a code job: runs the model-written program, and nothing of the judge's.
 
-The process this runs in is a sandbox job of its own (``rewards.zygote``: own PID and mount namespaces,
+The process this runs in is a sandbox job of its own (``rewards.sandbox.zygote``: own PID and mount namespaces,
 rlimits, no network), forked before the judge's request (tests, the verdict nonce) was read by anyone it
 descends from, so neither is anywhere in its memory. Its only link to the judge is ``channel``, a pair of
-pipes carrying plain data (``rewards.wire``); its stdout and stderr are kept for debugging only.
+pipes carrying plain data (``rewards.sandbox.wire``); its stdout and stderr are kept for debugging only.
 
 - ``serve``: runs the program once, says whether it ran, then answers calls by name with the function's
   return value and the new values of its list, dict, set and bytearray arguments (so in-place mutation is
@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from rewards.wire import WireError, receive, send
+from rewards.sandbox.wire import WireError, receive, send
 
 PR_SET_DUMPABLE = 4
 MUTABLE = (list, dict, set, bytearray)

@@ -1,0 +1,1 @@
+"""The objective: group-relative advantages and the per-token losses, pure functions of tensors."""
