@@ -1,7 +1,7 @@
 """Format and shaping rewards: the R1 layout, and penalties for overlong or repetitive completions.
 
 They read only the text, so they apply to every row (never None) and run in-process: regexes and counting
-here are linear in the text, so a 1 MB completion costs milliseconds.
+here are linear in the text, so even a huge completion cannot stall scoring.
 
 - ``think_format``: 1.0 for exactly ``<think>...</think><answer>...</answer>``, both non-empty, nothing
   around them; else 0.0. An empty think block fails (a policy that skips thinking must not get format reward).

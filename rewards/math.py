@@ -65,7 +65,8 @@ def verify_job(gold: str, answer: str) -> Iterator[bool]:
 
 
 def warm_up() -> None:
-    """Run math-verify once in the zygote: its first call builds the LaTeX parser (~0.1 s every job otherwise)."""
+    """Run math-verify once in the zygote: its first call builds the LaTeX parser, which every job would
+    otherwise build again."""
     for gold, answer in (("0.5", "\\frac{1}{2}"), ("[1,2)", "x^2+1")):
         list(verify_job(gold, answer))
 

@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from rlreason.config import Config, ConfigError, load_config
+from rlreason.config import Config, ConfigError, SampleConfig, choices, load_config
 
 
 def _config_from(target: str, overrides: list[str]) -> tuple[Config, Path | None]:
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("overrides", nargs="*", help="key=value, e.g. sample.keep=shortest")
     sample.add_argument("--task", help="task to take train prompts from (default: the config's)")
     sample.add_argument("--n", type=int, help="completions per prompt (default: sample.n)")
-    sample.add_argument("--keep", choices=("all", "best", "shortest"), help="verified completions kept per prompt (default: sample.keep)")
+    sample.add_argument("--keep", choices=choices(SampleConfig, "keep"), help="verified completions kept per prompt (default: sample.keep)")
     sample.add_argument("--out", help="the chat JSONL written (default: sample.out, else samples.jsonl in the run directory)")
     sample.set_defaults(func=cmd_sample)
     distill = sub.add_parser("distill", help="sample.teacher -> rejection sampling -> SFT of model.name -> held-out eval")

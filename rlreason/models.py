@@ -1,7 +1,7 @@
 """Load a policy, reference and tokenizer from a hub id, a local directory, a .gguf file or the default model.
 
-GGUF files are de-quantized by transformers on every load (~20 s for the default model), so the result is
-cached once as safetensors; later loads take well under a second.
+GGUF files are de-quantized by transformers on every load, which is slow, so the result is cached once as
+safetensors and later loads read those.
 """
 
 from __future__ import annotations
@@ -127,10 +127,9 @@ def compile_decoder(model: PreTrainedModel, backend: str = "inductor", mode: str
     """torch.compile the forward of the model's decoder stack (embeddings, mask, every layer, final norm) in place.
 
     One graph for the whole stack rather than one per layer: a small model's training pass on a GPU is bound by
-    the host launching work, and each compiled call has a fixed cost. On an H200 (360M model, 16 x 256-token
-    micro-batches) the stack trained in 0.58 s per step against 0.81 s layer by layer (the same machine) and 0.78 s
-    eager (another). The module's own call, with its hooks, stays eager (a forward hook does not recompile it), and
-    the parameters keep their names (checkpoints load in eager models). A new sequence width recompiles once, with a dynamic width.
+    the host launching work, and each compiled call has a fixed cost (docs/benchmarks.md compares the two). The
+    module's own call, with its hooks, stays eager (a forward hook does not recompile it), and the parameters keep
+    their names (checkpoints load in eager models). A new sequence width recompiles once, with a dynamic width.
     ``mode`` is torch.compile's ("reduce-overhead": CUDA graphs, train.cuda_graphs)."""
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if not isinstance(base, torch.nn.Module):

@@ -25,7 +25,7 @@ def gym_entries(
     family: str, split: str, size: int, seed: int, options: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """``size`` distinct puzzles of ``family`` from ``split``; ``options`` go to the reasoning-gym config."""
-    import reasoning_gym  # here, not at the top: it loads ~100 generators (1 s) and every task module is imported
+    import reasoning_gym  # here, not at the top: it loads ~100 generators and every task module is imported
 
     share = EVAL_FRACTION if split == "eval" else 1 - EVAL_FRACTION
     budget = int(_SLACK * size / share) + 100

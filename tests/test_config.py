@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlreason.config import ConfigError, load_config
+from rlreason.config import ConfigError, SampleConfig, TrainConfig, choices, load_config
 
 
 def problems_of(overrides, path=None):
@@ -72,3 +72,41 @@ def test_missing_config_file_and_missing_sft_data(tmp_path):
 
 def test_malformed_override():
     assert problems_of(["train.steps"])[0].startswith("override 'train.steps': expected key=value")
+
+
+CHOICE_CASES = [
+    ("train.loss_type=ppo", "train.loss_type: must be one of 'grpo', 'bnpo', 'dapo', 'dr_grpo', got 'ppo'"),
+    ("train.advantage=mean", "train.advantage: must be one of 'group', 'rloo', got 'mean'"),
+    ("train.scale_rewards=std", "train.scale_rewards: must be one of 'group', 'batch', 'none', got 'std'"),
+    ("train.importance_sampling=seq", "train.importance_sampling: must be one of 'token', 'sequence', got 'seq'"),
+    ("train.kl_estimator=k4", "train.kl_estimator: must be one of 'k1', 'k2', 'k3', got 'k4'"),
+    ("train.overlong=cut", "train.overlong: must be one of 'none', 'mask', 'soft', got 'cut'"),
+    ("train.bf16=maybe", "train.bf16: must be 'auto', 'true' or 'false', got 'maybe'"),
+    ("model.dtype=float16", "model.dtype: must be 'float32' or 'bfloat16', got 'float16'"),
+    ("rollout.engine=vllm", "rollout.engine: unknown engine 'vllm'; available: 'hf', 'fast'"),
+    ("sample.keep=first", "sample.keep: must be one of 'all', 'best', 'shortest', got 'first'"),
+    ("train.loss_type=3", "train.loss_type: expected str, got int 3"),
+    ("train.scale_rewards=3", "train.scale_rewards: expected str or bool, got 3"),
+]
+
+
+@pytest.mark.parametrize(("override", "expected"), CHOICE_CASES, ids=[c[0] for c in CHOICE_CASES])
+def test_a_closed_choice_names_its_values(override, expected):
+    assert problems_of([override]) == [expected]
+
+
+@pytest.mark.parametrize(("spelling", "read_as"), [("true", "group"), ("false", "none"), ("batch", "batch")])
+def test_scale_rewards_reads_the_boolean_spelling(spelling, read_as):
+    assert load_config(None, [f"train.scale_rewards={spelling}"]).train.scale_rewards == read_as
+
+
+def test_choices_come_from_the_annotation():
+    assert choices(TrainConfig, "scale_rewards") == ("group", "batch", "none")
+    assert choices(SampleConfig, "keep") == ("all", "best", "shortest")
+    with pytest.raises(TypeError, match="TrainConfig.steps is not annotated with a Literal"):
+        choices(TrainConfig, "steps")
+
+
+@pytest.mark.parametrize(("spelling", "read_as"), [("true", "true"), ("false", "false"), ("'true'", "true"), ("auto", "auto")])
+def test_bf16_reads_an_unquoted_boolean_override(spelling, read_as):
+    assert load_config(None, [f"train.bf16={spelling}"]).train.bf16 == read_as

@@ -10,7 +10,8 @@ from conftest import build_char_tokenizer, tiny_config
 
 from rlreason.models import load_model, load_tokenizer
 from rlreason.rollout.engine import HFEngine, SamplingParams
-from rlreason.rollout.fast import FastEngine, _Weights, unsupported_reason
+from rlreason.rollout.fast import FastEngine, unsupported_reason
+from rlreason.rollout.fast_weights import EngineWeights
 from rlreason.training.logprobs import completion_logprobs
 
 LOGPROB_ATOL = 1e-4
@@ -74,7 +75,7 @@ def test_greedy_equals_reference(model_and_tokenizer):
     for own_weights in (False, True):
         _same(FastEngine(model, tokenizer, own_weights=own_weights).generate(_prompts(tokenizer), 2, params), reference)
     folded = FastEngine(model, tokenizer)
-    folded.weights = _Weights(model, folded.dtype, own=True, fold_norms=True)
+    folded.weights = EngineWeights(model, folded.dtype, own=True, fold_norms=True)
     assert all(layer["ln1"] is None and layer["ln2"] is None for layer in folded.weights.layers)
     _same(folded.generate(_prompts(tokenizer), 2, params), reference)
 
@@ -144,3 +145,24 @@ def test_a_training_step_with_the_fast_engine_packing_and_rollout_logprobs(tiny_
     assert isinstance(trainer.engine, Fast)
     metrics = trainer.train_step()
     assert metrics["loss"] == metrics["loss"] and metrics["ratio"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_compaction_moves_live_rows_to_a_smaller_shape():
+    """Live rows keep their state and prompt cache in order; padding slots are finished and write to the scratch row."""
+    from rlreason.rollout.fast_workspace import ModelDims, StepShape, Workspace
+
+    dims = ModelDims(num_heads=2, num_kv_heads=1, head_dim=4, num_layers=1, eps=1e-6)
+    rope = (torch.zeros(8, 4), torch.zeros(8, 4))
+    ws = Workspace.allocate((2, 4, 3, 2), dims, torch.float32, rope, pool=None)
+    ws.tokens.copy_(torch.arange(10, 18))
+    ws.row_ids.copy_(torch.arange(8))
+    ws.kp[0, :, 0, 0, 0] = torch.tensor([1.0, 2.0])
+    ws.kc[0, :, 0, :, 0, 0] = torch.arange(8.0).view(2, 4)
+    shape = StepShape(compacted=False, rows=8, prompts=2, group=4, width=1)
+    compacted = ws.compact(torch.tensor([1, 5, 6]), shape)
+    assert compacted == StepShape(compacted=True, rows=4, prompts=4, group=1, width=1)
+    assert ws.tokens[:3].tolist() == [11, 15, 16] and ws.row_ids[:4].tolist() == [1, 5, 6, 8]
+    assert ws.done[:4].tolist() == [False, False, False, True]
+    assert ws.rows_cache["kp"][0, :3, 0, 0, 0].tolist() == [1.0, 2.0, 2.0]
+    assert ws.rows_cache["kc"][0, :3, 0, 0, 0, 0].tolist() == [1.0, 5.0, 6.0]
+    assert ws.compact(torch.tensor([0, 1, 2]), compacted) is compacted  # no smaller size than four rows

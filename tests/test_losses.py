@@ -257,3 +257,47 @@ def test_high_entropy_mask_keeps_the_top_quantile_of_real_tokens():
 def test_masked_mean():
     assert masked_mean(torch.tensor([1.0, 3.0, 100.0]), torch.tensor([1.0, 1.0, 0.0])).item() == 2.0
     assert masked_mean(torch.tensor([5.0]), torch.tensor([0.0])).item() == 0.0
+
+
+# ----------------------------------------------------------------- the top-entropy mask and the entropy bonus
+
+
+def test_policy_mask_keeps_the_kl_on_every_token_by_hand():
+    """top_entropy_quantile < 1 with beta > 0: the mask drops the surrogate of the unselected token, its KL stays
+    (as in TRL). Ratio 1, A = 0.5, beta = 0.1, k3 with log r = ref - logprob = (-0.5, 1.0, -0.5):
+    kl = (e^-0.5 + 0.5 - 1, e - 2, e^-0.5 + 0.5 - 1) = (0.1065306597126334, 0.7182818284590451, 0.1065306597126334);
+    per token: selected -0.5 + 0.1 kl, unselected 0.1 kl only."""
+    logprobs = t([[-1.0, -2.0, -0.5]]).requires_grad_()
+    ref = t([[-1.5, -1.0, -1.0]])
+    per_token, stats = policy_loss(
+        logprobs, logprobs.detach(), t([0.5]), torch.ones(1, 3, dtype=f64), beta=0.1, ref_logprobs=ref,
+        policy_mask=t([[1.0, 0.0, 1.0]]),
+    )
+    expected = t([[-0.5 + 0.01065306597126334, 0.07182818284590451, -0.5 + 0.01065306597126334]])
+    torch.testing.assert_close(per_token, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(stats["kl"], t([[0.1065306597126334, 0.7182818284590451, 0.1065306597126334]]), rtol=0, atol=1e-12)
+    # d/dlogprob: surrogate -A (selected tokens only) + beta * dk3/dlogprob = beta * (1 - e^{log r})
+    per_token.sum().backward()
+    grad = [-0.5 + 0.1 * (1 - math.exp(-0.5)), 0.1 * (1 - math.e), -0.5 + 0.1 * (1 - math.exp(-0.5))]
+    torch.testing.assert_close(logprobs.grad, t([grad]), rtol=0, atol=1e-12)
+
+
+def test_entropy_bonus_is_aggregated_with_the_loss_types_weights_by_hand():
+    """Two sequences of 1 and 3 tokens with entropies (2) and (1, 3, 5), A = 0 so only the bonus is left,
+    entropy_coef = 0.1. grpo weights 1/2 and 1/6: -0.1 (2/2 + 9/6) = -0.25; dapo weights 1/4: -0.1 * 11/4 = -0.275
+    (TRL's token mean, whatever the loss type, would be -0.275 for both)."""
+    mask = t([[1, 0, 0], [1, 1, 1]])
+    entropy = t([[2.0, 0.0, 0.0], [1.0, 3.0, 5.0]])
+    logprobs = t([[-1.0, 0.0, 0.0], [-1.0, -1.0, -1.0]])
+    per_token, _ = policy_loss(logprobs, logprobs, t([0.0, 0.0]), mask, entropy=entropy, entropy_coef=0.1)
+    for loss_type, expected in (("grpo", -0.25), ("dapo", -0.275)):
+        assert float((per_token * token_weights(mask, loss_type)).sum()) == pytest.approx(expected, abs=1e-12)
+
+
+def test_policy_mask_keeps_the_entropy_bonus_on_the_selected_tokens_only():
+    logprobs = t([[-1.0, -1.0]])
+    per_token, _ = policy_loss(
+        logprobs, logprobs, t([0.0]), torch.ones(1, 2, dtype=f64), entropy=t([[2.0, 4.0]]), entropy_coef=0.5,
+        policy_mask=t([[0.0, 1.0]]),
+    )
+    torch.testing.assert_close(per_token, t([[0.0, -2.0]]), rtol=0, atol=1e-12)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import make_tiny_model, write_config
 
-import rlreason.training.trainer as trainer_module
+import rlreason.objective.objective as objective_module
 from rewards.registry import reward
 from rlreason.cli import main
 from rlreason.config import ConfigError, load_config
@@ -105,14 +105,14 @@ def test_scale_rewards_reads_the_old_boolean_spelling():
 def test_one_iteration_ratio_is_exactly_one_and_nothing_clips(level, tmp_path, model_dir, monkeypatch):
     """Through the trainer: with num_iterations = 1 the batch was sampled by the very policy being updated, so
     every ratio is exactly 1 and even a clip range of 1e-9 never triggers; a second pass moves the ratio."""
-    seen, policy_loss = [], trainer_module.policy_loss
+    seen, policy_loss = [], objective_module.policy_loss
 
     def recording(*args, **kwargs):
         loss, stats = policy_loss(*args, **kwargs)
         seen.append(stats)
         return loss, stats
 
-    monkeypatch.setattr(trainer_module, "policy_loss", recording)
+    monkeypatch.setattr(objective_module, "policy_loss", recording)
     tiny = {"epsilon": 1e-9, "epsilon_high": 1e-9, "dual_clip": 1.0 + 1e-9, "importance_sampling": level}
     # kl_in_reward and top_entropy_quantile make the trainer compute the sampling policy's log-probs in a
     # separate pass; the ratio must still be exactly 1
@@ -231,7 +231,8 @@ def test_dynamic_sampling_keeps_only_groups_with_signal(tmp_path, model_dir):
         rewards=[{"name": "objectives_odd_answers_vary"}],
         rollout={"prompts_per_step": 4, "group_size": 2, "max_new_tokens": 4},
     )
-    rows, rollout, scores, stats = t._sample_groups(4, 2)
+    batch = t._sample_groups(4, 2)
+    rows, rollout, stats = batch.rows, batch.rollout, batch.stats
     assert len(rows) == 4 and len(rollout.texts) == 8 and rollout.completion_ids.shape[0] == 8
     assert all(int(row["answer"]) % 2 for row in rows)
     assert stats["dynamic_sampling/refilled_groups"] == 0

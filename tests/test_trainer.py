@@ -10,9 +10,12 @@ from transformers import AutoModelForCausalLM
 
 from rlreason.cli import main
 from rlreason.config import load_config
+from rlreason.objective.objective import TokenMean
 from rlreason.observe.runlog import read_jsonl
+from rlreason.training.checkpoint import latest_checkpoint
 from rlreason.training.logprobs import compiled_head_math
-from rlreason.training.trainer import TokenMean, Trainer, latest_checkpoint, merge_process_stats
+from rlreason.training.step_log import merge_process_stats
+from rlreason.training.trainer import Trainer
 
 
 def test_two_steps_write_a_complete_run_directory(tiny_llama, tmp_path):
@@ -138,10 +141,10 @@ def test_cuda_graph_layout_trains_like_the_plain_one(tmp_path, monkeypatch):
     gradients accumulate (tensors kept from step to step, zeroed after each update); with the compiler left out on
     the CPU, each step's gradient must be the plain layout's (the head's math compiled without code generation). The
     graphs themselves need a GPU (benchmarks/throughput.py --cuda-graphs). Updates are left out so that both runs see the same batches."""
-    import rlreason.training.trainer as trainer_module
+    import rlreason.training.setup as setup_module
 
-    monkeypatch.setattr(trainer_module, "compile_decoder", lambda model, **kw: None)
-    monkeypatch.setattr(trainer_module, "compiled_head_math", lambda: compiled_head_math(backend="aot_eager"))
+    monkeypatch.setattr(setup_module, "compile_decoder", lambda model, **kw: None)
+    monkeypatch.setattr(setup_module, "compiled_head_math", lambda: compiled_head_math(backend="aot_eager"))
     model_dir = make_tiny_model(tmp_path / "model")
     results = {}
     for graphs in (False, True):
@@ -155,7 +158,7 @@ def test_cuda_graph_layout_trains_like_the_plain_one(tmp_path, monkeypatch):
         trainer.optimizer.step = lambda t=trainer, out=gradients: out.append([p.grad.clone() for p in t.model.parameters()])
         for _ in range(2):
             trainer.train_step()
-        _, rollout, _, _ = trainer._sample_groups(2, 4)
+        rollout = trainer._sample_groups(2, 4).rollout
         results[graphs] = (gradients, trainer._model_inputs(rollout), [p.grad for p in trainer.model.parameters()])
     (plain, plain_inputs, plain_kept), (graphed, inputs, kept) = results[False], results[True]
     assert all(x.input_ids.shape[1] % 64 == 0 for x in inputs) and not any(x.input_ids.shape[1] % 64 == 0 for x in plain_inputs)

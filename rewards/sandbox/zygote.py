@@ -2,7 +2,7 @@
 
 ``rewards.sandbox.pool`` starts it as a fresh interpreter and talks length-prefixed JSON over its stdin/stdout.
 Why a zygote: a job needs an interpreter untouched by earlier untrusted input, but paying Python start-up
-plus imports (sympy 0.6 s, reasoning-gym 1.6 s) per job is far too slow. Forking a warm process that never
+plus heavy imports (sympy, reasoning-gym) per job would cost far more than most jobs. Forking a warm process that never
 runs untrusted code itself gives both.
 
 Isolation ("strong" mode, needs Linux namespaces):
@@ -197,7 +197,8 @@ def _address_space_now() -> int:
 
 
 def _set_limits(limits: dict[str, Any], processes: bool) -> None:
-    """Memory is budgeted on top of what the forked interpreter already maps (sympy alone maps ~0.5 GB)."""
+    """Memory is budgeted on top of what the forked interpreter already maps (its preloaded imports, sympy's
+    above all), so a job's limit is what the job itself may add."""
     cpu = int(limits["timeout_s"]) + 1
     memory = _address_space_now() + limits["memory_mb"] * 2**20
     file_size = limits["file_mb"] * 2**20

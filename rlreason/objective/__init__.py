@@ -1,1 +1,2 @@
-"""The objective: group-relative advantages and the per-token losses, pure functions of tensors."""
+"""The objective: group-relative advantages and per-token losses as pure functions of tensors, and the ``Objective``
+built from the config that chooses and composes them for the trainer."""

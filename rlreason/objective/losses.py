@@ -10,6 +10,9 @@ same gradient as one big batch, and the choice of ``token_weights`` is the aggre
 - ``kl_divergence``: the k1, k2, k3 estimators of KL(policy || reference) (Schulman 2020).
 - entropy bonus, and ``high_entropy_mask`` to train only on the highest-entropy tokens.
 
+Every term is aggregated by the same ``token_weights``, the entropy bonus too (as in veRL; TRL takes its token
+mean): the bonus then keeps its strength relative to the surrogate whatever the loss type and the lengths.
+
 Left out: value functions and GAE, per-token advantages (an advantage is per sequence, broadcast over its
 tokens), soft reference updates (TR-DPO's mixing), and sequence-level variants of the KL term.
 """
@@ -108,15 +111,21 @@ def policy_loss(
     kl_estimator: str = "k3",
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    policy_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The per-token loss [N, L]: clipped surrogate + beta * KL to the reference - entropy_coef * entropy.
 
     ``mask`` [N, L] marks real completion tokens (only the sequence-level ratio reads it); aggregation is left to
-    ``token_weights``. Returns the loss and detached per-token stats: ratio, clip flags, and kl when beta > 0.
+    ``token_weights``. ``policy_mask`` (0/1, e.g. ``high_entropy_mask``) keeps the surrogate and the entropy bonus on
+    its tokens only; the KL term stays on every token, as in TRL, because the reference constrains the whole
+    completion (shared weights move the unselected tokens too). Returns the loss and detached per-token stats:
+    ratio, clip flags, and kl when beta > 0.
     """
     ratio = torch.exp(importance_log_ratio(logprobs, old_logprobs, mask, importance_sampling))
     loss, stats = clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high, dual_clip)
     stats["ratio"] = ratio.detach()
+    if policy_mask is not None:
+        loss = loss * policy_mask
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs reference log-probabilities")
@@ -126,7 +135,8 @@ def policy_loss(
     if entropy_coef:
         if entropy is None:
             raise ValueError("entropy_coef != 0 needs the per-token entropy (with its gradient)")
-        loss = loss - entropy_coef * entropy  # <- entropy bonus: maximise entropy, so subtract it from the loss
+        bonus = entropy if policy_mask is None else entropy * policy_mask
+        loss = loss - entropy_coef * bonus  # <- entropy bonus: maximise entropy, so subtract it from the loss
     return loss, stats
 
 

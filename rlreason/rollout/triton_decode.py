@@ -2,7 +2,7 @@
 
 A decode step is launch-bound at RL batch sizes: ~30 small PyTorch kernels per layer cost more than reading the
 weights. With these kernels a layer is seven launches: the four cuBLAS projections and three kernels here. Each
-RMSNorm's weight is folded into the projection after it (``_Weights(fold_norms=True)``), so a norm reduces to one
+RMSNorm's weight is folded into the projection after it (``EngineWeights(fold_norms=True)``), so a norm reduces to one
 scale per row, ``1 / rms(x)``, which the kernel reading that projection's output applies; the residual additions
 happen in the output projections themselves (``x.addmm_``). No launch is left for the norms or the residual.
 
@@ -13,8 +13,8 @@ happen in the output projections themselves (``x.addmm_``). No launch is left fo
 - ``silu_mul``: the 1/rms(x) scale (and bias), silu(gate) * up
 - ``sample_and_record``: in two launches, the draw of ``rlreason.rollout.sampling.sample`` (temperature, the
   per-completion uniform, the two-level inverse CDF over its blocks, the EOS ban of ``min_new_tokens``), the
-  token's log-probability, and the step's bookkeeping (output token and log-prob, next input, finished rows):
-  16 us a step against 209 us by PyTorch ops on an H200 (benchmarks/decode_kernels.py)
+  token's log-probability, and the step's bookkeeping (output token and log-prob, next input, finished rows),
+  which PyTorch ops spread over many small launches a step (benchmarks/decode_kernels.py times both)
 - ``rms_norm``: the final norm before the head
 
 Each is checked against plain PyTorch (benchmarks/gpu_triton_checks.py, which also runs on a CPU under Triton's

@@ -1,0 +1,163 @@
+"""The run directory of a training run: created without overwriting another run, checkpointed so that a partial
+checkpoint is never resumed, resumed from its latest complete checkpoint with the logs cut back to its step, and
+summed up in summary.json."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM
+
+from rlreason.config import Config
+from rlreason.observe.runlog import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_NAME,
+    COMPLETIONS,
+    EVALS,
+    METRICS,
+    RUN_OUTPUTS,
+    SUMMARY,
+    checkpoint_step,
+    latest_checkpoint,
+    read_jsonl,
+    truncate_after,
+)
+
+__all__ = ["Checkpointed", "is_finished", "latest_checkpoint", "load_checkpoint", "prepare_run_dir", "save_checkpoint", "write_summary"]
+
+
+def run_inputs(config: Config) -> dict[str, Path]:
+    """The files and directories the run reads, by config field: no overwrite may delete them."""
+    named: dict[str, Any] = {"model.name": config.model.name, "sft.data": config.sft.data, "sample.teacher": config.sample.teacher}
+    named |= {f"task.options.{key}": value for key, value in config.task.options.items()}
+    for i, part in enumerate(config.task.mix):
+        named |= {f"task.mix[{i}].options.{key}": value for key, value in (part.get("options") or {}).items()}
+    return {
+        field: Path(value).expanduser().resolve()
+        for field, value in named.items()
+        if isinstance(value, str) and value and Path(value).expanduser().exists()
+    }
+
+
+def remove_outputs(run_dir: Path, inputs: dict[str, Path]) -> None:
+    """Delete the run outputs in ``run_dir`` (``RUN_OUTPUTS``, nothing else), after checking that none of them holds,
+    or lies inside, an input of the new run; on such a conflict nothing is deleted."""
+    outputs = [path for path in (run_dir / name for name in RUN_OUTPUTS) if path.exists()]
+    for output in outputs:
+        for field, source in inputs.items():
+            if source.is_relative_to(output.resolve()) or output.resolve().is_relative_to(source):
+                raise FileExistsError(
+                    f"run.overwrite=true would delete {output}, and {field} ({source}) is read from there: "
+                    "choose another run.output_dir"
+                )
+    for output in outputs:
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+
+
+def prepare_run_dir(config: Config, resume: bool) -> Path:
+    """Create the run directory; refuse to write over a run (any of its outputs, even of a run killed before its
+    first step) unless asked to resume it or to replace it."""
+    run_dir = Path(config.run.output_dir)
+    holds_run = any((run_dir / name).exists() for name in RUN_OUTPUTS)
+    if holds_run and not resume:
+        if not config.run.overwrite:
+            raise FileExistsError(
+                f"{run_dir} already holds a run: pass --resume to continue it or set run.overwrite=true to replace it"
+            )
+        remove_outputs(run_dir, run_inputs(config))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def is_finished(run_dir: Path, steps: int) -> bool:
+    """The run ran to its end: its latest checkpoint is at ``steps`` or later and its final evaluation is logged
+    (a finished run resumed with more ``train.steps`` is not finished: it trains on)."""
+    step = checkpoint_step(latest_checkpoint(run_dir))
+    finals = {e["step"] for e in read_jsonl(run_dir / EVALS) if e.get("stage") == "final"}
+    return step is not None and step >= steps and step in finals
+
+
+def write_summary(run_dir: Path, step: int, is_main: bool) -> dict[str, Any]:
+    """Held-out accuracy at each evaluated stage, written to summary.json (by the main process)."""
+    evals = read_jsonl(run_dir / EVALS)
+    summary = {"steps": step, "accuracy": {f"{e['stage']}@{e['step']}": e["accuracy"] for e in evals}}
+    if is_main:
+        (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+@dataclass(frozen=True)
+class Checkpointed:
+    """What a checkpoint holds of a run: weights (the reference's too when it moves: ``reference_moves``),
+    tokenizer, optimizer and scheduler state; the step, data position and RNG are saved alongside."""
+
+    accelerator: Accelerator
+    model: Any
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    reference: Any = None
+    reference_moves: bool = False
+
+
+def save_checkpoint(run_dir: Path, step: int, position: int, parts: Checkpointed, keep_last: int) -> Path:
+    """Write ``checkpoints/step-N`` under a temporary name and rename it, so a partial one is never resumed; keep
+    the ``keep_last`` newest."""
+    accelerator = parts.accelerator
+    final = run_dir / CHECKPOINT_DIR / f"step-{step:06d}"
+    partial = final.with_name(final.name + ".tmp")
+    accelerator.wait_for_everyone()
+    weights = accelerator.get_state_dict(parts.model)  # collective: full weights even when sharded
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        accelerator.unwrap_model(parts.model).save_pretrained(partial / "model", state_dict=weights)
+        if parts.reference is not None and parts.reference_moves:
+            parts.reference.save_pretrained(partial / "reference")
+        parts.tokenizer.save_pretrained(partial / "model")
+        state = {"step": step, "position": position, "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict()}
+        torch.save(state, partial / "trainer_state.pt")
+    accelerator.wait_for_everyone()
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, partial / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        kept = sorted((p for p in final.parent.glob("step-*") if CHECKPOINT_NAME.fullmatch(p.name)), key=lambda p: p.name)
+        for old in kept[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(checkpoint: Path, run_dir: Path, parts: Checkpointed) -> tuple[int, int]:
+    """Restore weights, optimizer, scheduler and RNG from ``checkpoint`` and cut the logs back to its step; returns
+    the step and the data position. ``parts.reference`` is restored when the checkpoint saved one."""
+    accelerator = parts.accelerator
+    weights = AutoModelForCausalLM.from_pretrained(checkpoint / "model").state_dict()
+    accelerator.unwrap_model(parts.model).load_state_dict(weights)
+    if parts.reference is not None and (checkpoint / "reference").is_dir():
+        parts.reference.load_state_dict(AutoModelForCausalLM.from_pretrained(checkpoint / "reference").state_dict())
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    rng = torch.load(checkpoint / f"rng-{accelerator.process_index}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if accelerator.is_main_process:
+        for name in (METRICS, COMPLETIONS, EVALS):
+            truncate_after(run_dir / name, state["step"])
+    return state["step"], state["position"]

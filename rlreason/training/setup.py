@@ -1,0 +1,92 @@
+"""What a training run loads before its first step: data and rewards (checked against each other first, so a
+dataset that cannot be scored is refused before any model loads), then tokenizer, policy, optimizer, scheduler
+and the frozen reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from rlreason.config import Config, ConfigError
+from rlreason.data import task_dataset
+from rlreason.models import compile_decoder, load_model, load_tokenizer
+from rlreason.observe.evaluate import eval_split, precision
+from rlreason.scoring import missing_fields, resolve_rewards
+from rlreason.training.logprobs import EAGER_HEAD, compiled_head_math
+
+
+def make_accelerator(config: Config) -> Accelerator:
+    """The run's accelerator; a ``ConfigError`` if the prompts of a step cannot be split into whole groups over
+    its processes."""
+    use_bf16 = precision(config) == "bf16"
+    # cpu=True on GPU-less machines: without it accelerate ignores the launcher's WORLD_SIZE and each
+    # process would train alone
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
+    world, prompts = accelerator.num_processes, config.rollout.prompts_per_step
+    if prompts % world:
+        raise ConfigError([
+            f"rollout.prompts_per_step: {prompts} prompts cannot be split into whole groups "
+            f"over {world} processes; use a multiple of {world}"
+        ])
+    return accelerator
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    rewards: Any
+    train: Any
+    eval: Any
+
+
+def load_training_data(config: Config) -> TrainingData:
+    """The reward functions and the train and eval splits; a ``ConfigError`` if a reward lacks its fields."""
+    tc = config.task
+    rewards = resolve_rewards(config.rewards)
+    train = task_dataset(tc, "train", config.train.seed)
+    evaluation = eval_split(config)
+    problems = missing_fields(rewards, train.column_names, "+".join(m["name"] for m in tc.mix) or tc.name)
+    if problems:
+        raise ConfigError(problems)
+    return TrainingData(rewards, train, evaluation)
+
+
+@dataclass(frozen=True)
+class TrainingModels:
+    """The policy and its optimizer as prepared by accelerate, the scheduler, the head's math for the log-prob
+    passes, and the reference (None when the objective needs none)."""
+
+    tokenizer: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    head_math: Any
+    reference: Any
+
+
+def load_training_models(config: Config, accelerator: Accelerator, with_reference: bool) -> TrainingModels:
+    mc, tr = config.model, config.train
+    tokenizer = load_tokenizer(mc.name, mc.cache_dir, mc.revision)
+    model = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision)
+    if tr.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    head_math = EAGER_HEAD
+    if tr.compile:
+        compile_decoder(model, mode="reduce-overhead" if tr.cuda_graphs else None)
+        head_math = compiled_head_math()
+    # fused on CUDA: the update in one multi-tensor kernel instead of a dozen foreach ones. The model is still on
+    # the CPU here; accelerate moves it below, before the first step, which is when AdamW checks the devices.
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=tr.learning_rate, betas=tuple(tr.adam_betas), weight_decay=tr.weight_decay,
+        fused=True if accelerator.device.type == "cuda" else None,
+    )
+    # Not prepared by accelerate: its wrapper steps once per process, which would shorten warm-up.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (tr.warmup_steps + 1)))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    reference = None
+    if with_reference:
+        reference = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision).to(accelerator.device)
+        reference.eval().requires_grad_(False)
+    return TrainingModels(tokenizer, model, optimizer, scheduler, head_math, reference)
