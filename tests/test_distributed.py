@@ -82,3 +82,14 @@ def test_two_process_run_resumes_from_its_checkpoint(setup):
     diff = max((x - y).abs().max().item() for x, y in zip(weights(root / "straight", 2), weights(root / "resumed", 2), strict=True))
     assert diff < 1e-5
     assert json.loads((root / "resumed" / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_deepspeed_launch_is_refused_with_one_line_naming_fsdp2(monkeypatch, tmp_path):
+    from rlreason.config import ConfigError, load_config
+    from rlreason.training.setup import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a DeepSpeed config
+    config = load_config(None, [f"run.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError) as refused:
+        make_accelerator(config)
+    assert len(refused.value.problems) == 1 and "configs/accelerate/fsdp2.yaml" in refused.value.problems[0]

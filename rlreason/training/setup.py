@@ -4,6 +4,7 @@ and the frozen reference."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +18,17 @@ from rlreason.observe.evaluate import eval_split, precision
 from rlreason.scoring import missing_fields, resolve_rewards
 from rlreason.training.logprobs import EAGER_HEAD, compiled_head_math
 
+DEEPSPEED_REFUSED = (
+    "accelerate: DeepSpeed is not a supported launcher; to shard parameters, gradients and optimizer state, "
+    "launch with --config_file configs/accelerate/fsdp2.yaml (FSDP2)"
+)
+
 
 def make_accelerator(config: Config) -> Accelerator:
     """The run's accelerator; a ``ConfigError`` if the prompts of a step cannot be split into whole groups over
-    its processes."""
+    its processes, or if the launcher asks for DeepSpeed."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":  # what `accelerate launch` sets
+        raise ConfigError([DEEPSPEED_REFUSED])
     use_bf16 = precision(config) == "bf16"
     # cpu=True on GPU-less machines: without it accelerate ignores the launcher's WORLD_SIZE and each
     # process would train alone
