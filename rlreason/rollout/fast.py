@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlreason.models import causal_lm
 from rlreason.rollout.engine import Rollout, SamplingParams, completion_mask, eos_token_ids, left_pad
 from rlreason.rollout.fast_graphs import StepRunner
 from rlreason.rollout.fast_ops import TorchOps
@@ -84,6 +85,7 @@ class FastEngine:
         kernels: str | None = None,
         release_memory: bool | None = None,
     ):
+        model = causal_lm(model)  # a peft model's adapters are folded into the weights (EngineWeights)
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"rollout.engine 'fast' cannot run this model: {reason}; use rollout.engine 'hf'")

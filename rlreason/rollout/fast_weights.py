@@ -1,7 +1,11 @@
-"""The fast engine's weights: the model's own tensors, or its own fused copies (q/k/v and gate/up in one matrix each)."""
+"""The fast engine's weights: the model's own tensors, or its own fused copies (q/k/v and gate/up in one matrix each).
+
+A linear layer with LoRA adapters (peft) contributes its base weight plus each active adapter's scale * B @ A,
+folded at every refresh, so decoding a LoRA policy costs what decoding the base model costs."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -29,8 +33,16 @@ class EngineWeights:
             self.layers = self.embed = self.norm = self.lm_head = None
 
     @staticmethod
-    def _bias(module: torch.nn.Module) -> torch.Tensor | None:
-        return getattr(module, "bias", None)
+    def _linear(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias ``module`` computes with: under active, unmerged LoRA adapters a new tensor, base
+        weight + their deltas (``get_delta_weight``: scale * B @ A), which refresh recomputes after every step."""
+        weight, bias = module.weight, getattr(module, "bias", None)
+        lora = sys.modules.get("peft.tuners.lora")  # adapters exist only once peft was imported
+        if lora is not None and isinstance(module, lora.LoraLayer) and not module.merged and not module.disable_adapters:
+            for name in module.active_adapters:
+                if name in module.lora_A:
+                    weight = weight + module.get_delta_weight(name).to(weight.dtype)
+        return weight, bias
 
     def _source(self) -> dict[str, Any]:
         base = self.model.model
@@ -41,22 +53,22 @@ class EngineWeights:
                 {
                     "ln1": layer.input_layernorm.weight,
                     "ln2": layer.post_attention_layernorm.weight,
-                    "q": (a.q_proj.weight, self._bias(a.q_proj)),
-                    "k": (a.k_proj.weight, self._bias(a.k_proj)),
-                    "v": (a.v_proj.weight, self._bias(a.v_proj)),
-                    "o": (a.o_proj.weight, self._bias(a.o_proj)),
+                    "q": self._linear(a.q_proj),
+                    "k": self._linear(a.k_proj),
+                    "v": self._linear(a.v_proj),
+                    "o": self._linear(a.o_proj),
                     "q_norm": getattr(getattr(a, "q_norm", None), "weight", None),
                     "k_norm": getattr(getattr(a, "k_norm", None), "weight", None),
-                    "gate": (m.gate_proj.weight, self._bias(m.gate_proj)),
-                    "up": (m.up_proj.weight, self._bias(m.up_proj)),
-                    "down": (m.down_proj.weight, self._bias(m.down_proj)),
+                    "gate": self._linear(m.gate_proj),
+                    "up": self._linear(m.up_proj),
+                    "down": self._linear(m.down_proj),
                 }
             )
         head = self.model.get_output_embeddings()
         return {
             "embed": base.embed_tokens.weight,
             "norm": base.norm.weight,
-            "lm_head": (head.weight, self._bias(head)),
+            "lm_head": self._linear(head),
             "layers": layers,
         }
 

@@ -14,13 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlreason.config import Config
+from rlreason.config import Config, load_config
+from rlreason.models import is_peft, load_adapter, load_model, merged
 from rlreason.observe.runlog import (
     CHECKPOINT_DIR,
     CHECKPOINT_NAME,
     COMPLETIONS,
+    CONFIG,
     EVALS,
     METRICS,
     RUN_OUTPUTS,
@@ -31,7 +33,7 @@ from rlreason.observe.runlog import (
     truncate_after,
 )
 
-__all__ = ["Checkpointed", "is_finished", "latest_checkpoint", "load_checkpoint", "prepare_run_dir", "save_checkpoint", "write_summary"]
+__all__ = ["Checkpointed", "export_model", "is_finished", "latest_checkpoint", "load_checkpoint", "prepare_run_dir", "save_checkpoint", "write_summary"]
 
 
 def run_inputs(config: Config) -> dict[str, Path]:
@@ -96,8 +98,9 @@ def write_summary(run_dir: Path, step: int, is_main: bool) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Checkpointed:
-    """What a checkpoint holds of a run: weights (the reference's too when it moves: ``reference_moves``),
-    tokenizer, optimizer and scheduler state; the step, data position and RNG are saved alongside."""
+    """What a checkpoint holds of a run: weights (under ``model.lora`` only the adapters, as peft saves them; the
+    reference's too when it moves: ``reference_moves``), tokenizer, optimizer and scheduler state; the step, data
+    position and RNG are saved alongside."""
 
     accelerator: Accelerator
     model: Any
@@ -144,8 +147,11 @@ def load_checkpoint(checkpoint: Path, run_dir: Path, parts: Checkpointed) -> tup
     """Restore weights, optimizer, scheduler and RNG from ``checkpoint`` and cut the logs back to its step; returns
     the step and the data position. ``parts.reference`` is restored when the checkpoint saved one."""
     accelerator = parts.accelerator
-    weights = AutoModelForCausalLM.from_pretrained(checkpoint / "model").state_dict()
-    accelerator.unwrap_model(parts.model).load_state_dict(weights)
+    model = accelerator.unwrap_model(parts.model)
+    if is_peft(model):
+        load_adapter(model, checkpoint / "model")
+    else:
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(checkpoint / "model").state_dict())
     if parts.reference is not None and (checkpoint / "reference").is_dir():
         parts.reference.load_state_dict(AutoModelForCausalLM.from_pretrained(checkpoint / "reference").state_dict())
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
@@ -161,3 +167,25 @@ def load_checkpoint(checkpoint: Path, run_dir: Path, parts: Checkpointed) -> tup
         for name in (METRICS, COMPLETIONS, EVALS):
             truncate_after(run_dir / name, state["step"])
     return state["step"], state["position"]
+
+
+def export_model(run_dir: Path, out_dir: Path) -> Path:
+    """The latest checkpoint of ``run_dir`` as a standard model directory (weights, config, tokenizer) in
+    ``out_dir``, which ``AutoModelForCausalLM.from_pretrained`` loads without peft or rlreason: a LoRA run's
+    adapters are merged into the base model named by the run's config, a full fine-tuning run's model is saved
+    as it is. Refuses an ``out_dir`` that holds anything, so no model is ever written over."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists and is not empty: choose another OUT_DIR")
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint to export")
+    mc, source = load_config(run_dir / CONFIG).model, checkpoint / "model"
+    if (source / "adapter_config.json").is_file():
+        from peft import PeftModel  # only a LoRA run's export needs it
+
+        model = PeftModel.from_pretrained(load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision), source)
+    else:
+        model = load_model(str(source), dtype=mc.dtype)
+    merged(model).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
+    return out_dir

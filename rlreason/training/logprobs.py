@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+from rlreason.models import causal_lm
+
 SHARED_PROMPT_ATTENTION = "rlreason_shared_prompt"
 """The attention function shared-prompt rows use with sdpa models: registered with transformers below."""
 
@@ -214,7 +216,8 @@ def logprobs_from_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``completion_logprobs`` of inputs from ``logprob_inputs``, already on the model's device; ``head_math``:
     ``compiled_head_math()`` under train.compile."""
-    inner = getattr(model, "module", model)  # DDP / accelerate wrappers; the call itself goes through ``model``
+    # DDP / accelerate / peft wrappers; the call itself goes through ``model``
+    inner = causal_lm(getattr(model, "module", model))
     base = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if base is None or not isinstance(head, torch.nn.Linear) or _scales_logits(inner.config):

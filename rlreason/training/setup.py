@@ -13,7 +13,7 @@ from accelerate import Accelerator
 
 from rlreason.config import Config, ConfigError
 from rlreason.data import task_dataset
-from rlreason.models import compile_decoder, load_model, load_tokenizer
+from rlreason.models import apply_lora, causal_lm, compile_decoder, load_model, load_tokenizer
 from rlreason.observe.evaluate import eval_split, precision
 from rlreason.scoring import missing_fields, resolve_rewards
 from rlreason.training.logprobs import EAGER_HEAD, compiled_head_math
@@ -64,7 +64,8 @@ def load_training_data(config: Config) -> TrainingData:
 @dataclass(frozen=True)
 class TrainingModels:
     """The policy and its optimizer as prepared by accelerate, the scheduler, the head's math for the log-prob
-    passes, and the reference (None when the objective needs none)."""
+    passes, and the reference (None when the objective needs none, or under ``model.lora``, where the reference is
+    the policy with its adapters switched off)."""
 
     tokenizer: Any
     model: Any
@@ -78,23 +79,27 @@ def load_training_models(config: Config, accelerator: Accelerator, with_referenc
     mc, tr = config.model, config.train
     tokenizer = load_tokenizer(mc.name, mc.cache_dir, mc.revision)
     model = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision)
+    if mc.lora is not None:
+        model = apply_lora(model, mc.lora)
     if tr.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+        if mc.lora is not None:  # the embeddings are frozen: checkpointed layers need inputs that carry gradients
+            model.enable_input_require_grads()
     head_math = EAGER_HEAD
     if tr.compile:
-        compile_decoder(model, mode="reduce-overhead" if tr.cuda_graphs else None)
+        compile_decoder(causal_lm(model), mode="reduce-overhead" if tr.cuda_graphs else None)
         head_math = compiled_head_math()
     # fused on CUDA: the update in one multi-tensor kernel instead of a dozen foreach ones. The model is still on
     # the CPU here; accelerate moves it below, before the first step, which is when AdamW checks the devices.
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=tr.learning_rate, betas=tuple(tr.adam_betas), weight_decay=tr.weight_decay,
+        [p for p in model.parameters() if p.requires_grad], lr=tr.learning_rate, betas=tuple(tr.adam_betas), weight_decay=tr.weight_decay,
         fused=True if accelerator.device.type == "cuda" else None,
     )
     # Not prepared by accelerate: its wrapper steps once per process, which would shorten warm-up.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (tr.warmup_steps + 1)))
     model, optimizer = accelerator.prepare(model, optimizer)
     reference = None
-    if with_reference:
+    if with_reference and mc.lora is None:
         reference = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision).to(accelerator.device)
         reference.eval().requires_grad_(False)
     return TrainingModels(tokenizer, model, optimizer, scheduler, head_math, reference)

@@ -17,6 +17,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -236,9 +237,20 @@ class Trainer:
             old = rollout.logprobs  # recorded while sampling: no forward pass
         elif self.objective.needs_old_logprobs:
             old, entropy = frozen_logprobs(self.model, rollout, inputs, self.accelerator, temperature, self.head_math)
-        if self.reference is not None:
-            ref, _ = frozen_logprobs(self.reference, rollout, inputs, self.accelerator, temperature, self.head_math)
+        if self.objective.needs_reference:
+            with self._reference() as reference:
+                ref, _ = frozen_logprobs(reference, rollout, inputs, self.accelerator, temperature, self.head_math)
         return FrozenPass(old, entropy, ref)
+
+    @contextlib.contextmanager
+    def _reference(self) -> Iterator[Any]:
+        """The reference model: its own copy, or under ``model.lora`` the policy with its adapters switched off
+        (the base model, so no second copy is loaded)."""
+        if self.reference is not None:
+            yield self.reference
+            return
+        with self.accelerator.unwrap_model(self.model).disable_adapter():
+            yield self.model
 
     def optimize(
         self, rollout: Rollout, advantages: torch.Tensor, frozen: FrozenPass, inputs: list[LogprobInputs]
