@@ -14,6 +14,9 @@ on the TRL side one optimizer step of ``GRPOTrainer.train`` (generation, scoring
 micro-batch, optimizer, logging), from one ``on_step_end`` to the next. The first --warmup steps of each side are
 not counted. Peak memory over the timed steps: torch's ``max_memory_allocated`` and ``max_memory_reserved`` (with
 CUDA graphs only the reserved figure counts what the graphs replay into).
+
+With ``--lora R`` both sides train LoRA adapters (rank R, alpha 2R, no dropout, on every attention and MLP
+projection) on the frozen model instead of all its weights: rlreason's ``model.lora``, TRL's ``peft_config``.
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ def require_updates(side: str, bad: int, steps: int) -> None:
 # ------------------------------------------------------------------------------------------------ rlreason
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def _register_bench_task(rows: list[dict[str, Any]]) -> None:
     """A task named throughput_bench serving ``rows``; built-in tasks are not imported (their deps may be absent)."""
     from datasets import Dataset
@@ -107,6 +113,7 @@ def _register_bench_task(rows: list[dict[str, Any]]) -> None:
 def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str, Any]], work: Path) -> dict[str, Any]:
     from rlreason.config import (
         Config,
+        LoraConfig,
         ModelConfig,
         RewardConfig,
         RolloutConfig,
@@ -118,8 +125,9 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
 
     _register_bench_task(rows)
     P, G, L = args.prompts, args.group, args.max_new_tokens
+    lora = LoraConfig(r=args.lora, alpha=2.0 * args.lora, dropout=0.0, target_modules=list(LORA_TARGETS)) if args.lora else None
     config = Config(
-        model=ModelConfig(name=str(model_dir), dtype=args.dtype),
+        model=ModelConfig(name=str(model_dir), dtype=args.dtype, lora=lora),
         task=TaskConfig(name="throughput_bench", train_size=len(rows), eval_size=P),
         rewards=[RewardConfig("benchmarks.workload:digit_share", 1.0)],
         rollout=RolloutConfig(prompts_per_step=P, group_size=G, max_new_tokens=L, temperature=1.0, engine=args.engine),
@@ -260,6 +268,13 @@ def run_trl(args: argparse.Namespace, model_dir: Path, rows: list[dict[str, Any]
                 reset_memory()
 
     clock = Clock()
+    peft_config = None
+    if args.lora:
+        import peft
+
+        peft_config = peft.LoraConfig(
+            r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"
+        )
     dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows[: steps * P]])
     trainer = GRPOTrainer(
         model=model,
@@ -268,6 +283,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, rows: list[dict[str, Any]
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[clock],
+        peft_config=peft_config,
     )
     generate_times: list[float] = []
     inner = trainer._generate_single_turn
@@ -324,6 +340,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="on the CPU: bf16 autocast on both sides (default float32; GPUs: always)")
     parser.add_argument("--shared-prompt", action="store_true", help="rlreason's train.shared_prompt (each group's prompt computed once)")
     parser.add_argument("--profile", action="store_true", help="profile one more rlreason step and print where its time goes")
+    parser.add_argument("--lora", type=int, default=0, metavar="R", help="train LoRA adapters of rank R (alpha 2R) on every projection, both sides (default 0: full fine-tuning)")
     parser.add_argument("--sides", default="rlreason,trl")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the default model's)")
     parser.add_argument("--json", default=None, help="append the result as one JSON line to this file")
@@ -360,7 +377,7 @@ def main() -> None:
             print(f"  {r['side']}: step {r['step_s']:.3f} s  ({', '.join(f'{t:.3f}' for t in r['times'])})", flush=True)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     bandwidth, peak = ceilings() if cuda else (float("nan"), float("nan"))
-    print(f"\n{args.model}  P={args.prompts} G={args.group} L={args.max_new_tokens}  micro-batch {args.micro_batch}  "
+    print(f"\n{args.model}{f'  LoRA r={args.lora}' if args.lora else ''}  P={args.prompts} G={args.group} L={args.max_new_tokens}  micro-batch {args.micro_batch}  "
           f"{args.dtype}  on {device}")
     print("| side | step (s) | completion tok/s | generate (s) | train (s) | train MFU | peak mem (GiB) | peak reserved (GiB) |")
     print("|---|---|---|---|---|---|---|---|")

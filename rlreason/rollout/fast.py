@@ -36,7 +36,7 @@ from rlreason.rollout.engine import Rollout, SamplingParams, completion_mask, eo
 from rlreason.rollout.fast_graphs import StepRunner
 from rlreason.rollout.fast_ops import TorchOps
 from rlreason.rollout.fast_triton_step import TritonStep
-from rlreason.rollout.fast_weights import EngineWeights
+from rlreason.rollout.fast_weights import EngineWeights, is_sharded
 from rlreason.rollout.fast_workspace import ModelDims, StepShape, Workspace, round_up
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -103,13 +103,18 @@ class FastEngine:
         # the Triton step reads only the filled part of the cache, so one graph serves every step: nothing to keep
         # between calls that is not cheap to rebuild, and the cache and weight copies are freed after each call
         triton = self.kernels == "triton"
-        self.release_memory = triton and self.cuda_graphs if release_memory is None else release_memory
-        own = cuda if own_weights is None else own_weights
+        # a sharded (FSDP2) model: the full weights are gathered into the engine's own copies at every call and
+        # freed after it, so no second full copy stays resident between steps
+        sharded = is_sharded(model)
+        self.release_memory = (triton and self.cuda_graphs or sharded) if release_memory is None else release_memory
+        own = (cuda or sharded) if own_weights is None else own_weights
         self.weights = EngineWeights(model, self.dtype, own=own or triton, fold_norms=triton)
         self.weight_bytes = self.weights.nbytes()
         self._ws: Workspace | None = None
         vocab = self.weights.lm_head[0].shape[0]
         self.eos_tensor = torch.tensor([i for i in self.eos_ids if i < vocab], dtype=torch.long, device=device)
+        if sharded and self.release_memory:  # no full copy until the first generate gathers one
+            self.weights.drop()
         self.ops = TorchOps(model, self.dims, self.dtype, self.eos_tensor)
         step = TritonStep(self.ops).step if triton else self.ops.step
         self.runner = StepRunner(step, self.cuda_graphs, any_width=triton, device=device)

@@ -1,7 +1,11 @@
 """The fast engine's weights: the model's own tensors, or its own fused copies (q/k/v and gate/up in one matrix each).
 
 A linear layer with LoRA adapters (peft) contributes its base weight plus each active adapter's scale * B @ A,
-folded at every refresh, so decoding a LoRA policy costs what decoding the base model costs."""
+folded at every refresh, so decoding a LoRA policy costs what decoding the base model costs.
+
+Under FSDP2 the model's parameters are DTensor shards: the engine keeps its own copies, and each refresh gathers
+every parameter once (``full_tensor``, base weight and adapter factors alike) straight into them, one layer at a
+time; the copies are freed after every generate (``drop``), so no full copy stays between steps."""
 
 from __future__ import annotations
 
@@ -9,7 +13,22 @@ import sys
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """The model's parameters are FSDP2 shards (DTensors): the engine must gather them into its own copies."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole tensor of a shard (a collective: every process gathers the same parameters in the same order)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
 
 
 class EngineWeights:
@@ -18,11 +37,17 @@ class EngineWeights:
     ``fold_norms`` (with ``own``) multiplies each layer's RMSNorm weights into the projection that reads the norm's
     output, in float32 before rounding to ``dtype``: RMSNorm(x) @ W.T = (x / rms(x)) @ (W * norm_weight).T, so the
     Triton step applies only a scale per row (``ln1``/``ln2`` are then None).
+
+    A sharded model (FSDP2) needs ``own``: each refresh gathers every parameter once into the copies, one layer at
+    a time, so the full weights exist only in them (freed by ``drop``) and in one layer's gathers.
     """
 
     def __init__(self, model: PreTrainedModel, dtype: torch.dtype, own: bool, fold_norms: bool = False):
         if fold_norms and not own:
             raise ValueError("fold_norms needs the engine's own weight copies (own=True)")
+        self.sharded = is_sharded(model)
+        if self.sharded and not own:
+            raise ValueError("a sharded (FSDP2) model needs the engine's own weight copies (own=True)")
         self.model, self.dtype, self.own, self.fold_norms = model, dtype, own, fold_norms
         self.layers: list[dict] | None = None
         self.refresh()
@@ -33,48 +58,77 @@ class EngineWeights:
             self.layers = self.embed = self.norm = self.lm_head = None
 
     @staticmethod
-    def _linear(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _linear(module: torch.nn.Module, gather: bool = False, fold: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight and bias ``module`` computes with: under active, unmerged LoRA adapters a new tensor, base
-        weight + their deltas (``get_delta_weight``: scale * B @ A), which refresh recomputes after every step."""
+        weight + their deltas (``get_delta_weight``: scale * B @ A), which refresh recomputes after every step.
+
+        ``gather`` (FSDP2): base weight, bias and both adapter factors gathered whole first, so the sum is a plain
+        tensor; ``fold=False``: the base weight alone (a sharded model's shapes, before anything is gathered)."""
         weight, bias = module.weight, getattr(module, "bias", None)
+        if gather:
+            weight, bias = _full(weight), _full(bias)
         lora = sys.modules.get("peft.tuners.lora")  # adapters exist only once peft was imported
-        if lora is not None and isinstance(module, lora.LoraLayer) and not module.merged and not module.disable_adapters:
+        if fold and lora is not None and isinstance(module, lora.LoraLayer) and not module.merged and not module.disable_adapters:
             for name in module.active_adapters:
                 if name in module.lora_A:
-                    weight = weight + module.get_delta_weight(name).to(weight.dtype)
+                    if gather:  # peft's Linear.get_delta_weight, on the gathered factors
+                        delta = _full(module.lora_B[name].weight) @ _full(module.lora_A[name].weight)
+                        delta = (delta.T if module.fan_in_fan_out else delta) * module.scaling[name]
+                    else:
+                        delta = module.get_delta_weight(name)
+                    weight = weight + delta.to(weight.dtype)
         return weight, bias
 
-    def _source(self) -> dict[str, Any]:
+    def _layer(self, layer: torch.nn.Module, gather: bool = False, fold: bool = True) -> dict[str, Any]:
+        """One decoder layer's tensors (``gather``, ``fold``: as ``_linear``)."""
+        a, m = layer.self_attn, layer.mlp
+        full = _full if gather else (lambda t: t)
+        linear = lambda module: self._linear(module, gather, fold)  # noqa: E731
+        return {
+            "ln1": full(layer.input_layernorm.weight),
+            "ln2": full(layer.post_attention_layernorm.weight),
+            "q": linear(a.q_proj),
+            "k": linear(a.k_proj),
+            "v": linear(a.v_proj),
+            "o": linear(a.o_proj),
+            "q_norm": full(getattr(getattr(a, "q_norm", None), "weight", None)),
+            "k_norm": full(getattr(getattr(a, "k_norm", None), "weight", None)),
+            "gate": linear(m.gate_proj),
+            "up": linear(m.up_proj),
+            "down": linear(m.down_proj),
+        }
+
+    def _source(self, fold: bool = True) -> dict[str, Any]:
         base = self.model.model
-        layers = []
-        for layer in base.layers:
-            a, m = layer.self_attn, layer.mlp
-            layers.append(
-                {
-                    "ln1": layer.input_layernorm.weight,
-                    "ln2": layer.post_attention_layernorm.weight,
-                    "q": self._linear(a.q_proj),
-                    "k": self._linear(a.k_proj),
-                    "v": self._linear(a.v_proj),
-                    "o": self._linear(a.o_proj),
-                    "q_norm": getattr(getattr(a, "q_norm", None), "weight", None),
-                    "k_norm": getattr(getattr(a, "k_norm", None), "weight", None),
-                    "gate": self._linear(m.gate_proj),
-                    "up": self._linear(m.up_proj),
-                    "down": self._linear(m.down_proj),
-                }
-            )
-        head = self.model.get_output_embeddings()
         return {
             "embed": base.embed_tokens.weight,
             "norm": base.norm.weight,
-            "lm_head": self._linear(head),
-            "layers": layers,
+            "lm_head": self._linear(self.model.get_output_embeddings(), fold=fold),
+            "layers": [self._layer(layer, fold=fold) for layer in base.layers],
+        }
+
+    def _gathered_source(self) -> dict[str, Any]:
+        """``_source`` of a sharded model, gathered: the top-level tensors now, each layer's only when iterated
+        (a generator), so one layer's gathers at a time are alive beside the copies."""
+        base = self.model.model
+        head = self.model.get_output_embeddings()
+        lm_head = (None, _full(getattr(head, "bias", None))) if self._tied else self._linear(head, gather=True)
+        return {
+            "embed": _full(base.embed_tokens.weight),
+            "norm": _full(base.norm.weight),
+            "lm_head": lm_head,
+            "layers": (self._layer(layer, gather=True) for layer in base.layers),
         }
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Point at (or copy) the model's current weights; call after every optimizer step (generate does)."""
+        """Point at (or copy) the model's current weights; call after every optimizer step (generate does).
+        Sharded (FSDP2): a collective, every process refreshes in step."""
+        if self.sharded:
+            if self.layers is None:  # shapes only: nothing gathered yet
+                self._allocate(self._source(fold=False))
+            self._copy(self._gathered_source())
+            return
         src = self._source()
         if not self.own:
             self._point(src)
@@ -101,7 +155,7 @@ class EngineWeights:
             return torch.empty((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), dtype=self.dtype, device=tensors[0].device)
 
         self.embed = alloc(src["embed"])
-        tied = src["lm_head"][0].data_ptr() == src["embed"].data_ptr()
+        tied = _ptr(src["lm_head"][0]) == _ptr(src["embed"])
         self.lm_head = (self.embed if tied else alloc(src["lm_head"][0]), alloc(src["lm_head"][1]))
         self.norm = alloc(src["norm"])
         self.layers = []
@@ -141,7 +195,7 @@ class EngineWeights:
             fill(self.lm_head[0], src["lm_head"][0])
         fill(self.lm_head[1], src["lm_head"][1])
         fill(self.norm, src["norm"])
-        for d, s in zip(self.layers, src["layers"], strict=True):
+        for d, s in zip(self.layers, src["layers"], strict=True):  # sharded: each layer gathered here, freed at the next
             fill(d["ln1"], s["ln1"])
             fill(d["ln2"], s["ln2"])
             fill(d["qkv"][0], s["q"][0], s["k"][0], s["v"][0], norm=s["ln1"] if fold_norms else None)

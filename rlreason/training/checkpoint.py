@@ -14,9 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlreason.config import Config, load_config
+from rlreason.config import Config, ConfigError, load_config
 from rlreason.models import is_peft, load_adapter, load_model, merged
 from rlreason.observe.runlog import (
     CHECKPOINT_DIR,
@@ -32,8 +39,9 @@ from rlreason.observe.runlog import (
     read_jsonl,
     truncate_after,
 )
+from rlreason.rollout.fast_weights import is_sharded
 
-__all__ = ["Checkpointed", "export_model", "is_finished", "latest_checkpoint", "load_checkpoint", "prepare_run_dir", "save_checkpoint", "write_summary"]
+__all__ = ["Checkpointed", "export_model", "full_weights", "is_finished", "latest_checkpoint", "load_checkpoint", "prepare_run_dir", "save_checkpoint", "write_summary"]
 
 
 def run_inputs(config: Config) -> dict[str, Path]:
@@ -111,6 +119,47 @@ class Checkpointed:
     reference_moves: bool = False
 
 
+def full_weights(accelerator: Accelerator, model: Any, main_only: bool = True) -> dict[str, torch.Tensor]:
+    """The model's full weights (a collective under FSDP2: every process calls it). Unsharded: accelerate's
+    ``get_state_dict`` (``main_only``) or the model's own ``state_dict``, as before. Sharded: every DTensor gathered
+    once (tied ones once), in the same order on every process; with ``main_only`` onto the main process's CPU
+    memory (the others get an empty dict), else kept on the device in every process."""
+    if not is_sharded(model):
+        return accelerator.get_state_dict(model) if main_only else accelerator.unwrap_model(model).state_dict()
+    keep = accelerator.is_main_process or not main_only
+    weights, seen = {}, {}
+    for name, tensor in accelerator.unwrap_model(model).state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            full = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
+            seen[id(tensor)] = (full.cpu() if main_only else full) if keep else None
+        if keep:
+            weights[name] = seen[id(tensor)]
+    return weights
+
+
+def _inner(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's wrapper (what torch.distributed.checkpoint reads and steps)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _plain_twin(model: Any, weights: dict[str, torch.Tensor]) -> Any:
+    """An unsharded model holding ``weights`` (assigned, no copy): what ``save_pretrained`` is called on under
+    FSDP2, whose DTensor parameters transformers' tied-weight checks cannot read."""
+    with torch.device("meta"):
+        twin = AutoModelForCausalLM.from_config(model.config, dtype=next(iter(weights.values())).dtype)
+    twin.load_state_dict(weights, assign=True, strict=False)
+    twin.tie_weights()
+    twin.generation_config = model.generation_config
+    return twin
+
+
+def _refuse_mismatch(checkpoint: Path, saved_sharded: bool, sharded: bool) -> None:
+    if saved_sharded and not sharded:
+        raise ConfigError([f"{checkpoint} was saved by a sharded (FSDP2) run: resume it with --config_file configs/accelerate/fsdp2.yaml"])
+    if sharded and not saved_sharded:
+        raise ConfigError([f"{checkpoint} was saved by an unsharded run: resume it without FSDP2 (the launcher config it was trained with)"])
+
+
 def save_checkpoint(run_dir: Path, step: int, position: int, parts: Checkpointed, keep_last: int) -> Path:
     """Write ``checkpoints/step-N`` under a temporary name and rename it, so a partial one is never resumed; keep
     the ``keep_last`` newest."""
@@ -118,14 +167,25 @@ def save_checkpoint(run_dir: Path, step: int, position: int, parts: Checkpointed
     final = run_dir / CHECKPOINT_DIR / f"step-{step:06d}"
     partial = final.with_name(final.name + ".tmp")
     accelerator.wait_for_everyone()
-    weights = accelerator.get_state_dict(parts.model)  # collective: full weights even when sharded
+    sharded = is_sharded(parts.model)
+    weights = full_weights(accelerator, parts.model)  # collective: full weights even when sharded
+    if sharded:  # collective too: each process holds a shard of the moments; the main process gets them whole
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optimizer = get_optimizer_state_dict(parts.model, _inner(parts.optimizer), options=options)
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
-        accelerator.unwrap_model(parts.model).save_pretrained(partial / "model", state_dict=weights)
+        model = accelerator.unwrap_model(parts.model)
+        if sharded and not is_peft(model):  # a peft model saves only its adapters, read from ``weights``
+            model = _plain_twin(model, weights)
+        model.save_pretrained(partial / "model", state_dict=weights)
         if parts.reference is not None and parts.reference_moves:
             parts.reference.save_pretrained(partial / "reference")
         parts.tokenizer.save_pretrained(partial / "model")
-        state = {"step": step, "position": position, "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict()}
+        if not sharded:
+            optimizer = parts.optimizer.state_dict()
+        state = {"step": step, "position": position, "optimizer": optimizer, "scheduler": parts.scheduler.state_dict()}
+        if sharded:  # only then, so an unsharded run's trainer_state.pt is what it always was
+            state["sharded"] = True
         torch.save(state, partial / "trainer_state.pt")
     accelerator.wait_for_everyone()
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -148,14 +208,25 @@ def load_checkpoint(checkpoint: Path, run_dir: Path, parts: Checkpointed) -> tup
     the step and the data position. ``parts.reference`` is restored when the checkpoint saved one."""
     accelerator = parts.accelerator
     model = accelerator.unwrap_model(parts.model)
-    if is_peft(model):
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    sharded = is_sharded(parts.model)
+    _refuse_mismatch(checkpoint, bool(state.get("sharded")), sharded)
+    if sharded:  # every process reads the full state and keeps its own shards of it
+        full = StateDictOptions(full_state_dict=True, strict=not is_peft(model))
+        if is_peft(model):
+            weights = adapter_weights(model, checkpoint / "model")
+        else:
+            weights = AutoModelForCausalLM.from_pretrained(checkpoint / "model").state_dict()
+        set_model_state_dict(parts.model, weights, options=full)
+        set_optimizer_state_dict(parts.model, _inner(parts.optimizer), state["optimizer"], options=full)
+    elif is_peft(model):
         load_adapter(model, checkpoint / "model")
     else:
         model.load_state_dict(AutoModelForCausalLM.from_pretrained(checkpoint / "model").state_dict())
     if parts.reference is not None and (checkpoint / "reference").is_dir():
         parts.reference.load_state_dict(AutoModelForCausalLM.from_pretrained(checkpoint / "reference").state_dict())
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-    parts.optimizer.load_state_dict(state["optimizer"])
+    if not sharded:
+        parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     rng = torch.load(checkpoint / f"rng-{accelerator.process_index}.pt", weights_only=False)
     random.setstate(rng["python"])
@@ -167,6 +238,19 @@ def load_checkpoint(checkpoint: Path, run_dir: Path, parts: Checkpointed) -> tup
         for name in (METRICS, COMPLETIONS, EVALS):
             truncate_after(run_dir / name, state["step"])
     return state["step"], state["position"]
+
+
+def adapter_weights(model: Any, directory: Path) -> dict[str, torch.Tensor]:
+    """The adapters peft saved in ``directory``, under ``model``'s own state-dict names (peft drops the adapter
+    name when saving): what ``set_model_state_dict`` loads into a sharded peft model."""
+    import peft  # a peft model exists, so peft is imported already
+
+    saved = peft.utils.load_peft_weights(str(directory))
+    name = model.active_adapter
+    weights = {key: saved[plain] for key in model.state_dict() if (plain := key.replace(f".{name}.", ".")) != key and plain in saved}
+    if len(weights) != len(saved):
+        raise ValueError(f"{directory}: {len(saved) - len(weights)} saved adapter tensors match no parameter of the model")
+    return weights
 
 
 def export_model(run_dir: Path, out_dir: Path) -> Path:

@@ -46,6 +46,7 @@ from rlreason.rollout.engine import Rollout, SamplingParams
 from rlreason.training import sft
 from rlreason.training.checkpoint import (
     Checkpointed,
+    full_weights,
     is_finished,
     latest_checkpoint,
     load_checkpoint,
@@ -325,7 +326,7 @@ class Trainer:
     @torch.no_grad()
     def _refresh_reference(self) -> None:
         """Reset the reference to the current policy (``train.ref_update_every``)."""
-        self.reference.load_state_dict(self.accelerator.unwrap_model(self.model).state_dict())
+        self.reference.load_state_dict(full_weights(self.accelerator, self.model, main_only=False))
 
     def _model_inputs(self, rollout: Rollout) -> list[LogprobInputs]:
         return model_inputs(rollout, self.config, self.tokenizer.pad_token_id, self.accelerator.device)
