@@ -11,8 +11,7 @@ from transformers import AutoModelForCausalLM
 from rlreason.cli import main
 from rlreason.config import load_config
 from rlreason.objective.objective import TokenMean
-from rlreason.observe.runlog import read_jsonl
-from rlreason.training.checkpoint import latest_checkpoint
+from rlreason.observe.runlog import latest_checkpoint, read_jsonl
 from rlreason.training.logprobs import compiled_head_math
 from rlreason.training.step_log import merge_process_stats
 from rlreason.training.trainer import Trainer

@@ -41,8 +41,6 @@ from rlreason.observe.runlog import (
 )
 from rlreason.rollout.fast_weights import is_sharded
 
-__all__ = ["Checkpointed", "export_model", "full_weights", "is_finished", "latest_checkpoint", "load_checkpoint", "prepare_run_dir", "save_checkpoint", "write_summary"]
-
 
 def run_inputs(config: Config) -> dict[str, Path]:
     """The files and directories the run reads, by config field: no overwrite may delete them."""

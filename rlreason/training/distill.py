@@ -29,12 +29,13 @@ from rlreason.config import Config, ConfigError
 from rlreason.data import encode_prompts
 from rlreason.models import load_model, load_tokenizer
 from rlreason.observe.evaluate import CORRECT
-from rlreason.observe.runlog import SFT_MODEL_DIR
+from rlreason.observe.runlog import SFT_MODEL_DIR, latest_checkpoint
 from rlreason.rollout.engine import RolloutEngine, SamplingParams
 from rlreason.rollout.fast import build_engine
 from rlreason.rollout.sampling import completion_seed
 from rlreason.scoring import Scores, WeightedReward, resolve_rewards, score
-from rlreason.training.trainer import Trainer, latest_checkpoint, prepare_run_dir
+from rlreason.training.checkpoint import prepare_run_dir
+from rlreason.training.trainer import Trainer
 from tasks.registry import load_task
 
 SAMPLES_FILE = "samples.jsonl"

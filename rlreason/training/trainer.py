@@ -39,6 +39,7 @@ from rlreason.observe.runlog import (
     Progress,
     RunLog,
     checkpoint_step,
+    latest_checkpoint,
     read_jsonl,
     restart_logs,
 )
@@ -48,7 +49,6 @@ from rlreason.training.checkpoint import (
     Checkpointed,
     full_weights,
     is_finished,
-    latest_checkpoint,
     load_checkpoint,
     prepare_run_dir,
     save_checkpoint,
@@ -73,8 +73,6 @@ from rlreason.training.step_log import (
     gather_step,
     metrics_row,
 )
-
-__all__ = ["Trainer", "TrainingDiverged", "latest_checkpoint", "prepare_run_dir"]
 
 log = logging.getLogger(__name__)
 
