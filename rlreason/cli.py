@@ -96,6 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         write_report,
     )
     from rlreason.observe.runlog import EVAL_REPORT
+    from rlreason.rollout.episodes import Episodes
     from rlreason.scoring import resolve_rewards
     from rlreason.training.distill import run_model
 
@@ -107,7 +108,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rewards, data = resolve_rewards(config.rewards), eval_split(config)
     tokenizer = load_tokenizer(mc.name, mc.cache_dir, mc.revision)
     model = load_model(mc.name, mc.cache_dir, mc.dtype, mc.revision).to("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate_config(config, policy_engine(config, model, tokenizer), tokenizer, data, rewards, progress=True)
+    engine = policy_engine(config, model, tokenizer)
+    result = evaluate_config(config, engine, tokenizer, data, rewards, True, Episodes.from_config(config.rollout))
     step = run_model(run_dir)[1] if run_dir else None
     print(f"model  {mc.name}\ntask   {tc.name}: {result['num_prompts']} held-out prompts\nprecision {result['precision']}")
     table = {"accuracy (greedy)": result["accuracy"], **{k: v for k, v in result.items() if "@" in k}}

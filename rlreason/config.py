@@ -97,6 +97,17 @@ class RolloutConfig:
     """Rollout engine: "hf" (transformers ``generate``, the reference path) or "fast" (rlreason.rollout.fast: each
     prompt prefilled once for its group, static KV cache, CUDA graphs on a GPU, log-probs recorded while sampling;
     Llama, Mistral, Qwen2 and Qwen3 models; the same tokens as "hf" for the same seeds)."""
+    env: str | None = None
+    """Environment the completions are episodes in (tasks.environments: "python_tool", "guess_number",
+    "verifiers", or a user's ``module:factory``); null: one completion per prompt. Observation tokens are kept in
+    the episode and left out of the loss."""
+    env_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the environment (e.g. ``{timeout: 5, max_output_chars: 400}`` for "python_tool")."""
+    max_turns: int = 4
+    """Turns of the policy per episode (with rollout.env)."""
+    max_episode_tokens: int | None = None
+    """Tokens of an episode after its prompt, the policy's and the observations' together (with rollout.env);
+    null: max_turns x max_new_tokens. max_new_tokens then caps each turn."""
 
 
 @dataclass
@@ -520,6 +531,15 @@ def validate(config: Config) -> list[str]:
         problems.append("rollout.top_p: must be in (0, 1]")
     if ro.engine not in (engines := choices(RolloutConfig, "engine")):
         problems.append(f"rollout.engine: unknown engine {ro.engine!r}; available: {_listed(engines)}")
+    if ro.max_turns < 1:
+        problems.append("rollout.max_turns: must be >= 1")
+    if ro.max_episode_tokens is not None and ro.max_episode_tokens < 2:
+        problems.append("rollout.max_episode_tokens: must be >= 2 (or null: max_turns x max_new_tokens)")
+    if ro.env is not None:
+        from tasks.environments import environment_names
+
+        if ":" not in ro.env and ro.env not in environment_names():
+            problems.append(f"rollout.env: unknown environment {ro.env!r} (known: {_listed(environment_names())})")
     if tr.packing and tr.shared_prompt:
         problems.append("train.packing / train.shared_prompt: choose one row layout for the log-prob passes")
     if tr.compile and ro.engine != "fast":

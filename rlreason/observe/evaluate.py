@@ -33,10 +33,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rewards.math import extract_answer
-from rlreason.data import encode_prompts, task_dataset
+from rlreason.data import task_dataset
 from rlreason.models import bf16_available
 from rlreason.observe.passk import maj_at_k, mean_pass_at_k
 from rlreason.rollout.engine import HFEngine, RolloutEngine, SamplingParams
+from rlreason.rollout.episodes import Episodes, complete, scored_samples
 from rlreason.rollout.fast import build_engine
 from rlreason.rollout.sampling import completion_seed
 from rlreason.scoring import Scores, WeightedReward, score
@@ -84,20 +85,24 @@ def _generate(
     batch_size: int,
     seed: int,
     bar: tqdm,
-) -> tuple[list[str], list[int]]:
-    """Completions of every row; sampled ones get seeds from (seed, prompt index, sample), so the same
-    evaluation draws the same samples in any process and at any batch size."""
+    episodes: Episodes | None = None,
+) -> tuple[list[str], list[int], list[dict[str, Any]]]:
+    """Completions of every row (episodes in ``episodes.env`` when given), their generated lengths and the samples
+    their rewards read; sampled ones get seeds from (seed, prompt index, sample), so the same evaluation draws the
+    same samples in any process and at any batch size."""
     texts: list[str] = []
     lengths: list[int] = []
+    samples: list[dict[str, Any]] = []
     per_batch = max(1, batch_size // n)
     for start in range(0, len(rows), per_batch):
         chunk = rows[start : start + per_batch]
         seeds = None if sampling.greedy else [completion_seed(seed, start + p, g) for p in range(len(chunk)) for g in range(n)]
-        rollout = engine.generate(encode_prompts(tokenizer, chunk), n, sampling, seeds)
+        rollout = complete(engine, tokenizer, chunk, n, sampling, seeds, episodes)
         texts += rollout.texts
-        lengths += rollout.completion_mask.sum(dim=1).tolist()
+        lengths += rollout.loss_mask.sum(dim=1).tolist()
+        samples += scored_samples(chunk, n, rollout)
         bar.update(len(chunk))
-    return texts, lengths
+    return texts, lengths, samples
 
 
 def verifier_errors(scores: Scores) -> dict[str, str]:
@@ -145,13 +150,16 @@ def evaluate(
     ks: list[int] | None = None,
     seed: int = 0,
     progress: bool = False,
+    episodes: Episodes | None = None,
 ) -> dict[str, Any]:
     """Greedy completions for every row (accuracy, reward means, the samples); with ``samples`` = n > 0 also
-    n sampled completions per row for pass@k and maj@k. ``progress`` shows a bar over the prompts."""
+    n sampled completions per row for pass@k and maj@k. ``progress`` shows a bar over the prompts; ``episodes``
+    makes every completion an episode in its environment."""
     rows = dataset.to_list()
     with tqdm(total=len(rows) * (2 if samples else 1), desc="eval", unit="prompt", disable=not progress, leave=False) as bar:
-        texts, lengths = _generate(engine, tokenizer, rows, 1, SamplingParams(max_new_tokens, greedy=True), batch_size, seed, bar)
-        scores = score(texts, rows, rewards, reward_timeout)
+        greedy = SamplingParams(max_new_tokens, greedy=True)
+        texts, lengths, scored = _generate(engine, tokenizer, rows, 1, greedy, batch_size, seed, bar, episodes)
+        scores = score(texts, scored, rewards, reward_timeout)
         errors = verifier_errors(scores)
         first = scores.correctness()
         result: dict[str, Any] = {
@@ -163,14 +171,17 @@ def evaluate(
         if samples > 0:
             bar.set_description(f"eval {samples} samples")
             sampling = sampling or SamplingParams(max_new_tokens)
-            sampled_texts, _ = _generate(engine, tokenizer, rows, samples, sampling, batch_size, seed, bar)
-            sampled_scores = score(sampled_texts, [row for row in rows for _ in range(samples)], rewards, reward_timeout)
+            sampled_texts, _, sampled_rows = _generate(engine, tokenizer, rows, samples, sampling, batch_size, seed, bar, episodes)
+            sampled_scores = score(sampled_texts, sampled_rows, rewards, reward_timeout)
             errors = {**verifier_errors(sampled_scores), **errors}
             result.update(sampled_metrics(sampled_texts, sampled_scores, samples, ks or [1]))
     result["verifier_errors"] = errors
     result["samples"] = [
-        {"prompt": row["prompt"][-1]["content"], "completion": text, "answer": row.get("answer"), "rewards": dict(zip(scores.names, col.tolist(), strict=True))}
-        for row, text, col in zip(rows, texts, scores.columns, strict=True)
+        {
+            "prompt": row["prompt"][-1]["content"], "completion": text, "answer": row.get("answer"),
+            "rewards": dict(zip(scores.names, col.tolist(), strict=True)), **({"turns": row["turns"]} if "turns" in row else {}),
+        }
+        for row, text, col in zip(scored, texts, scores.columns, strict=True)
     ]
     return result
 
@@ -182,9 +193,10 @@ def evaluate_config(
     dataset: Dataset,
     rewards: list[WeightedReward],
     progress: bool = False,
+    episodes: Episodes | None = None,
 ) -> dict[str, Any]:
     """``evaluate`` with the settings of a run config (``run.eval_*`` and the ``eval`` section), in the config's
-    ``precision``, which the result names."""
+    ``precision``, which the result names; ``episodes`` is the run's environment (``Episodes.from_config``)."""
     run, ev = config.run, config.eval
     max_new = run.eval_max_new_tokens or config.rollout.max_new_tokens
     sampling = SamplingParams(max_new, ev.temperature, ev.top_p)
@@ -192,7 +204,7 @@ def evaluate_config(
     with _autocast(engine, used == "bf16"):
         result = evaluate(
             engine, tokenizer, dataset, rewards, max_new, run.eval_batch_size, run.reward_timeout, ev.samples, sampling, ev.k,
-            eval_seed(config), progress and run.progress,
+            eval_seed(config), progress and run.progress, episodes,
         )
     return {"precision": used, **result}
 

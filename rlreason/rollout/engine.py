@@ -30,6 +30,9 @@ class SamplingParams:
     greedy: bool = False
     min_new_tokens: int = 0
     """End-of-sequence tokens are not sampled before this many tokens (benchmarks force equal lengths with it)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end a completion like an end-of-sequence token (an episode's turn boundaries). Engines may
+    sample a few tokens past one; ``rlreason.rollout.episodes.stop_cut`` cuts there."""
 
 
 @dataclass
@@ -50,10 +53,22 @@ class Rollout:
     """[N, Lc] float32 log-probability of each completion token under the sampling policy at the sampling
     temperature (before top-k/top-p), recorded while sampling; 0 where completion_mask is 0. None when the engine
     does not record them (HFEngine)."""
+    observation_mask: torch.Tensor | None = None
+    """[N, Lc] 1 on tokens an environment appended (episodes: rlreason.rollout.episodes); None for plain completions."""
+    turns: list[list[dict[str, str]]] | None = None
+    """Each episode's turns, role-tagged ("assistant", and "tool" or "user" for observations); None for plain completions."""
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """[N, Lc] the tokens the policy generated: the completion mask less the observations."""
+        if self.observation_mask is None:
+            return self.completion_mask
+        return self.completion_mask * (1 - self.observation_mask)
 
     @property
     def num_completion_tokens(self) -> int:
-        return int(self.completion_mask.sum())
+        """Tokens the policy generated (observations not counted)."""
+        return int(self.loss_mask.sum())
 
 
 class RolloutEngine(Protocol):
@@ -136,6 +151,7 @@ class HFEngine:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_ids,
             min_new_tokens=sampling.min_new_tokens or None,
+            stop_strings=list(sampling.stop) or None,
         )
         processors = LogitsProcessorList()
         if not sampling.greedy:
@@ -143,7 +159,8 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         output = self.model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config, logits_processor=processors
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config, logits_processor=processors,
+            tokenizer=self.tokenizer if sampling.stop else None,
         )
         self.model.train(was_training)
         completion_ids = output[:, ids.shape[1] :].cpu()
@@ -185,4 +202,8 @@ def concat_rollouts(parts: list[tuple[Rollout, list[int]]], pad_id: int) -> Roll
         logprobs=pad([r.logprobs[i] for r, i in picked], 0, left=False)
         if all(r.logprobs is not None for r, _ in picked)
         else None,
+        observation_mask=pad([r.observation_mask[i] for r, i in picked], 0, left=False)
+        if all(r.observation_mask is not None for r, _ in picked)
+        else None,
+        turns=[r.turns[j] for r, i in picked for j in i.tolist()] if all(r.turns is not None for r, _ in picked) else None,
     )

@@ -218,6 +218,8 @@ class FastEngine:
         steps, row_steps, t = 0, 0, 1
         while t < sampling.max_new_tokens:
             if t % self.check_every == 0:
+                if sampling.stop:
+                    self._stop_at_strings(ws, shape, t, sampling.stop)
                 active = (~ws.done[: shape.rows]).nonzero().squeeze(1)
                 if active.numel() == 0:
                     break
@@ -229,6 +231,17 @@ class FastEngine:
             row_steps += shape.rows
             t += 1
         return t, steps, row_steps
+
+    def _stop_at_strings(self, ws: Workspace, shape: StepShape, t: int, stops: tuple[str, ...]) -> None:
+        """End the live rows whose text holds a stop string (checked every ``check_every`` steps, so a row may run a
+        few tokens past it: the caller cuts there)."""
+        slots = (~ws.done[: shape.rows]).nonzero().squeeze(1).tolist()
+        rows, tokens = ws.row_ids[: shape.rows].tolist(), ws.out_tokens[:, :t].cpu()
+        for slot in slots:
+            if rows[slot] < ws.P * ws.G:  # not a padding slot
+                text = self.tokenizer.decode(tokens[rows[slot]], skip_special_tokens=True)
+                if any(s in text for s in stops):
+                    ws.done[slot] = True
 
     def _rollout(self, prompt_ids: list[list[int]], n: int, out_tokens: torch.Tensor, out_logprobs: torch.Tensor) -> Rollout:
         """The completions cut at their first EOS (the memory released first when the engine frees it per call)."""

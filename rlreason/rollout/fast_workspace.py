@@ -139,11 +139,11 @@ class Workspace:
         return StepShape(compacted=True, rows=R_new, prompts=R_new, group=1, width=shape.width)
 
     def _rows_cache(self) -> dict[str, torch.Tensor]:
-        """The rows-phase caches, allocated at the first compaction; they hold at most half of the rows."""
+        """The rows-phase caches, allocated at the first compaction; they hold half of the rows (at least 4)."""
         rc = self.rows_cache
         if not rc:
             nl, _, Hkv, _, D = self.kp.shape
-            half = (self.P * self.G) // 2
+            half = max(4, (self.P * self.G) // 2)  # compact() never makes fewer than 4 slots
             shape_p, shape_c = (nl, half, Hkv, self.Wp, D), (nl, half, Hkv, 1, self.Wc, D)
             rc.update(
                 kp=self.kp.new_zeros(shape_p),

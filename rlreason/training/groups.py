@@ -13,9 +13,10 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from rlreason.config import Config
-from rlreason.data import PromptStream, encode_prompts
+from rlreason.data import PromptStream
 from rlreason.objective.advantages import zero_variance_groups
 from rlreason.rollout.engine import Rollout, SamplingParams, concat_rollouts
+from rlreason.rollout.episodes import Episodes, complete, scored_samples
 from rlreason.rollout.sampling import completion_seed
 from rlreason.scoring import Scores, concat_scores, score
 from rlreason.training.logprobs import LogprobInputs, logprob_inputs, logprobs_from_inputs
@@ -45,6 +46,7 @@ class GroupSampler:
     tokenizer: Any
     sampling: SamplingParams
     rewards: Any
+    episodes: Episodes | None = None
 
     def sample(self, P: int, G: int) -> SampledBatch:
         """P prompts, G scored completions each, and the sampling stats.
@@ -69,9 +71,9 @@ class GroupSampler:
                 continue
             rows = [self.data[drawn[i]] for i in mine]
             seeds = [completion_seed(tr.seed, first_draw + i, g) for i in mine for g in range(G)]
-            rollout = self.engine.generate(encode_prompts(self.tokenizer, rows), G, self.sampling, seeds)
+            rollout = complete(self.engine, self.tokenizer, rows, G, self.sampling, seeds, self.episodes)
             start = time.perf_counter()
-            scores = score(rollout.texts, [row for row in rows for _ in range(G)], self.rewards, self.config.run.reward_timeout)
+            scores = score(rollout.texts, scored_samples(rows, G, rollout), self.rewards, self.config.run.reward_timeout)
             score_time += time.perf_counter() - start
             if not tr.dynamic_sampling:
                 return SampledBatch(rows, rollout, scores, {}, score_time)
@@ -118,13 +120,14 @@ def model_inputs(rollout: Rollout, config: Config, pad_id: int, device: torch.de
     tr, out = config.train, []
     for rows in micro_batches(len(rollout.texts), tr.micro_batch_size):
         prompt_mask, completion_mask = rollout.prompt_mask[rows], rollout.completion_mask[rows]
+        loss_mask = rollout.loss_mask[rows]
         first = int((prompt_mask.sum(dim=0) > 0).nonzero()[0])
         width = max(int(completion_mask.sum(dim=1).max()), 1)
         inputs = logprob_inputs(
             rollout.prompt_ids[rows, first:], prompt_mask[:, first:], rollout.completion_ids[rows, :width],
             completion_mask[:, :width], packing=tr.packing, shared_prompt=tr.shared_prompt,
             # train.cuda_graphs: one graph per 64-token bucket of row widths, padding columns after the completions
-            width_multiple=64 if tr.cuda_graphs else 1, pad_id=pad_id,
+            width_multiple=64 if tr.cuda_graphs else 1, pad_id=pad_id, loss_mask=loss_mask[:, :width],
         )
         out.append(inputs.to(device))
     return out

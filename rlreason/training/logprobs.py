@@ -78,10 +78,16 @@ class LogprobInputs:
     shared: SharedLayout | None = None
     left_padded: bool = False  # some prompt is padded on the left (read from the CPU mask: no device sync later)
     trailing_cols: int = 0  # padding columns after the completions (``width_multiple``)
+    loss_mask: torch.Tensor | None = None  # [N, Lc] the tokens the loss reads: the completion mask less observations
 
     @property
     def completion_width(self) -> int:
         return self.completion_mask.shape[1]
+
+    @property
+    def trained_mask(self) -> torch.Tensor:
+        """[N, Lc] the completion tokens the loss and its statistics read (an episode's observations left out)."""
+        return self.completion_mask if self.loss_mask is None else self.loss_mask
 
     def to(self, device: torch.device | str) -> LogprobInputs:
         """Every tensor on ``device``, without waiting for the device."""
@@ -108,6 +114,7 @@ def logprob_inputs(
     shared_prompt: bool = False,
     width_multiple: int = 1,
     pad_id: int = 0,
+    loss_mask: torch.Tensor | None = None,
 ) -> LogprobInputs:
     """The model's inputs for a padded micro-batch (prompts left-padded, completions right-padded). Cheapest on CPU
     tensors: it reads the masks' contents. Position ids follow the attention mask, as in ``generate``, so left
@@ -115,7 +122,10 @@ def logprob_inputs(
 
     ``width_multiple``: padded rows are widened to a multiple of it by columns of ``pad_id`` after the completions,
     so that the model sees few distinct widths (train.cuda_graphs records a graph per width). Padding on the right
-    changes nothing a real token sees, and unlike left padding it needs no attention mask (``_attention_and_mask``)."""
+    changes nothing a real token sees, and unlike left padding it needs no attention mask (``_attention_and_mask``).
+
+    ``loss_mask``: the completion tokens the loss reads (an episode's observation tokens are in ``completion_mask``,
+    which the model attends to, but not in it); None: all of them."""
     out_rows, out_cols = completion_mask.nonzero(as_tuple=True)
     targets = completion_ids[out_rows, out_cols]
     if packing and shared_prompt:
@@ -124,10 +134,12 @@ def logprob_inputs(
         raise ValueError("width_multiple: padded rows only (not train.packing or train.shared_prompt)")
     if shared_prompt:
         ids, positions, rows, cols, layout = _share_prompts(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        return LogprobInputs(ids, positions, None, rows, cols, targets, out_rows, out_cols, completion_mask, True, layout)
+        return LogprobInputs(
+            ids, positions, None, rows, cols, targets, out_rows, out_cols, completion_mask, True, layout, loss_mask=loss_mask
+        )
     if packing:
         ids, positions, rows, cols = _pack(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        return LogprobInputs(ids, positions, None, rows, cols, targets, out_rows, out_cols, completion_mask, True)
+        return LogprobInputs(ids, positions, None, rows, cols, targets, out_rows, out_cols, completion_mask, True, loss_mask=loss_mask)
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     trailing = -ids.shape[1] % width_multiple
@@ -136,7 +148,7 @@ def logprob_inputs(
     cols = out_cols + prompt_ids.shape[1] - 1  # the position before a completion token predicts it
     return LogprobInputs(
         ids, positions, mask, out_rows, cols, targets, out_rows, out_cols, completion_mask, False,
-        left_padded=not bool(prompt_mask.all()), trailing_cols=trailing,
+        left_padded=not bool(prompt_mask.all()), trailing_cols=trailing, loss_mask=loss_mask,
     )
 
 

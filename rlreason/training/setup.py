@@ -55,7 +55,8 @@ def load_training_data(config: Config) -> TrainingData:
     rewards = resolve_rewards(config.rewards)
     train = task_dataset(tc, "train", config.train.seed)
     evaluation = eval_split(config)
-    problems = missing_fields(rewards, train.column_names, "+".join(m["name"] for m in tc.mix) or tc.name)
+    columns = train.column_names + (["turns"] if config.rollout.env else [])  # episodes add their turns
+    problems = missing_fields(rewards, columns, "+".join(m["name"] for m in tc.mix) or tc.name)
     if problems:
         raise ConfigError(problems)
     return TrainingData(rewards, train, evaluation)

@@ -44,6 +44,7 @@ from rlreason.observe.runlog import (
     restart_logs,
 )
 from rlreason.rollout.engine import Rollout, SamplingParams
+from rlreason.rollout.episodes import Episodes
 from rlreason.training import sft
 from rlreason.training.checkpoint import (
     Checkpointed,
@@ -119,8 +120,10 @@ class Trainer:
             config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p, config.rollout.top_k
         )
         self.stream = PromptStream(len(self.train_data), tr.seed)
+        self.episodes = Episodes.from_config(config.rollout)
         self.sampler = GroupSampler(
-            config, self.rank, self.stream, self.train_data, self.engine, self.tokenizer, self.sampling, self.rewards
+            config, self.rank, self.stream, self.train_data, self.engine, self.tokenizer, self.sampling, self.rewards,
+            self.episodes,
         )
         self.step = 0
         self.runlog = RunLog(self.run_dir, self.is_main, config.run.report_to, config.to_dict())
@@ -204,7 +207,7 @@ class Trainer:
 
         rollout, inputs = batch.rollout, self._model_inputs(batch.rollout)
         frozen = self._frozen_pass(rollout, inputs)
-        shaped, shaping = self.objective.shape_rewards(rewards, rollout.completion_mask, frozen)
+        shaped, shaping = self.objective.shape_rewards(rewards, rollout.loss_mask, frozen)
         advantages = self.objective.advantages(shaped)
         stats = {**batch.stats, **shaping, **self.optimize(rollout, advantages, frozen, inputs)}
         t_end = time.perf_counter()
@@ -212,7 +215,7 @@ class Trainer:
 
         record = StepRecord(
             samples=[row for row in batch.rows for _ in range(G)], texts=rollout.texts, scores=batch.scores,
-            advantages=advantages.tolist(), lengths=rollout.completion_mask.sum(dim=1).float().tolist(),
+            advantages=advantages.tolist(), lengths=rollout.loss_mask.sum(dim=1).float().tolist(),
             truncated=rollout.truncated.tolist(), stats=stats, tokens=rollout.num_completion_tokens,
         )
         if self.world > 1:  # log the whole step once: every process's groups, in process order
@@ -262,7 +265,7 @@ class Trainer:
         """
         objective, device = self.objective, self.accelerator.device
         aggregate = partial(aggregate_over_processes, objective.aggregate, self.accelerator)
-        weights = objective.weigh(rollout.completion_mask, rollout.truncated, frozen.entropy, aggregate)
+        weights = objective.weigh(rollout.loss_mask, rollout.truncated, frozen.entropy, aggregate)
         step = UpdateBatch(advantages.to(device), objective.loss_inputs(frozen).to(device), weights.to(device))
         slices = micro_batches(len(advantages), self.config.train.micro_batch_size)
         sums, losses, grad_norms = TokenSums(), [], []
@@ -281,7 +284,7 @@ class Trainer:
             out["grad_norm"] = float(np.mean(grad_norms))
         out["skipped_updates"] = float(objective.num_iterations - len(grad_norms))
         out["loss"] = float(torch.stack(losses).sum()) / objective.num_iterations
-        out |= objective.batch_metrics(weights, rollout.completion_mask, rollout.truncated)
+        out |= objective.batch_metrics(weights, rollout.loss_mask, rollout.truncated)
         if objective.refreshes_reference(self.step + 1):  # self.step + 1: the step ending now
             self._refresh_reference()
         return out
@@ -298,7 +301,7 @@ class Trainer:
                 self.model, batch, temperature=self.config.rollout.temperature,
                 entropy_grad=self.objective.entropy_grad, head_math=self.head_math,
             )
-            mask = batch.completion_mask.to(logprobs.dtype)
+            mask = batch.trained_mask.to(logprobs.dtype)
             frozen = step.frozen.select(rows, width)
             per_token, stats = self.objective.loss(logprobs, step.advantages[rows], mask, frozen, entropy, mine.policy)
             loss = (per_token * mine.weights).sum()
@@ -333,7 +336,9 @@ class Trainer:
 
     def evaluate(self, stage: str) -> dict[str, Any]:
         """Greedy accuracy on the held-out split; logged to evals.jsonl with its samples."""
-        result = evaluate_config(self.config, self.engine, self.tokenizer, self.eval_data, self.rewards, progress=self.is_main)
+        result = evaluate_config(
+            self.config, self.engine, self.tokenizer, self.eval_data, self.rewards, self.is_main, self.episodes
+        )
         self.runlog.evaluation({"step": self.step, "stage": stage, **result})
         if self.is_main:
             tqdm.write(f"[eval {stage} @ step {self.step}] {describe(result)}")
