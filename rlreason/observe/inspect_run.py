@@ -1,6 +1,10 @@
 """Read a run directory back: curves as sparklines, completions of a step, the best and worst, a search, and how
 greedy answers to the held-out prompts changed between two evaluations.
 
+An episode (a completion with ``turns``) is printed turn by turn: the policy's turns indented as any completion
+is, every line the environment wrote behind its role (``[tool]``, ``[tool error]``, ``[user]``), so an
+observation never reads as the policy's own text.
+
 Everything here reads the run's JSONL files (never a model), so it works on a run in progress or on a copy
 of one; ``completions.jsonl`` is streamed, so it may be larger than memory. (Named ``inspect_run`` rather
 than ``inspect`` so that running a file of this package as a script cannot shadow the standard library's
@@ -32,6 +36,8 @@ CURVES = [
     ("Reflection phrases per 1k tokens", ["reasoning/reflections_per_1k"]),
     ("Format adherence", ["reasoning/format_adherence"]),
     ("Answer changes per completion", ["reasoning/answer_changes"]),
+    ("Episode turns and tool calls", ["episode/turns", "episode/tool_calls", "episode/tool_errors"]),
+    ("Observation tokens per episode", ["episode/observation_tokens"]),
     ("Truncated and zero-variance groups", ["truncated_fraction", "zero_std_groups"]),
     ("KL to reference", ["kl"]),
     ("Entropy", ["entropy"]),
@@ -122,8 +128,10 @@ def summary(run: Run, width: int = 40) -> str:
         f"run       {run.path}",
         f"model     {model.get('name', '?')}   task {task.get('name', '?')}   rewards {rewards or '?'}",
         f"steps     {last}/{total}   {rollout.get('prompts_per_step', '?')} prompts x {rollout.get('group_size', '?')} completions per step",
-        "",
     ]
+    if rollout.get("env"):
+        lines.append(f"episodes  env {rollout['env']}   up to {rollout.get('max_turns', '?')} turns each")
+    lines.append("")
     names = [n for _, patterns in CURVES for n in run.curve_names(patterns)]
     pad = max((len(n) for n in names), default=0)
     spark = min(width, len(run.metrics))
@@ -185,8 +193,39 @@ def _indent(text: str, prefix: str = "      ") -> str:
     return "\n".join(prefix + line for line in (text.splitlines() or [""]))
 
 
+def _tag(turn: dict[str, Any]) -> str:
+    return f"[{turn['role']}{' error' if turn.get('error') else ''}]"
+
+
+def format_turns(turns: list[dict[str, Any]]) -> str:
+    """An episode turn by turn, observations marked by their role (see the module docstring)."""
+    return "\n".join(
+        _indent(turn["content"]) if turn["role"] == "assistant" else _indent(turn["content"], f"   {_tag(turn)} ")
+        for turn in turns
+    )
+
+
+def _episode_counts(turns: list[dict[str, Any]]) -> str:
+    tools = [t for t in turns if t["role"] == "tool"]
+    errors = sum(bool(t.get("error")) for t in tools)
+    observed = sum(t.get("tokens", 0) for t in turns if t["role"] != "assistant")
+    return (
+        f"  {sum(t['role'] == 'assistant' for t in turns)} turns  {len(tools)} tool calls"
+        + (f" ({errors} failed)" if errors else "") + f"  {observed} observation tokens"
+    )
+
+
+def _flat_episode(sample: dict[str, Any]) -> str:
+    """A completion on one line; an episode's observations inline behind their role."""
+    turns = sample.get("turns")
+    if not turns:
+        return sample["completion"]
+    return " ".join(t["content"] if t["role"] == "assistant" else f"{_tag(t)} {t['content']}" for t in turns)
+
+
 def format_completions(rows: list[dict[str, Any]]) -> str:
-    """Completions with their step, prompt, rewards and advantage; a prompt is printed once per group."""
+    """Completions with their step, prompt, rewards and advantage (an episode turn by turn, with its counts); a
+    prompt is printed once per group."""
     out, previous = [], None
     for row in rows:
         if (row["step"], row["prompt"]) != previous:
@@ -197,8 +236,11 @@ def format_completions(rows: list[dict[str, Any]]) -> str:
         flags = "  truncated" if row.get("truncated") else ""
         if row.get("copies", 1) > 1:
             flags += f"  ({row['copies']} identical)"
+        turns = row.get("turns")
+        if turns:
+            flags += _episode_counts(turns)
         out.append(f"   total {row['total']:+.3f}  advantage {row['advantage']:+.3f}  length {row['length']}{flags}  {rewards}")
-        out.append(_indent(row["completion"]))
+        out.append(format_turns(turns) if turns else _indent(row["completion"]))
     return "\n".join(out) if out else "no completions match"
 
 
@@ -304,6 +346,6 @@ def diff(run: Run, a: str, b: str, limit: int = 5) -> str:
             for label, sample in ((name_a, prev), (name_b, new)):
                 lines.append(
                     f"   {label:<{pad}}  score {_score(sample):.2f}  final answer {final_answer(sample['completion'])!r}"
-                    f"  | {_oneline(sample['completion'])}"
+                    f"  | {_oneline(_flat_episode(sample))}"
                 )
     return "\n".join(lines)

@@ -5,6 +5,9 @@ No server, no network, no CDN: the data is embedded as JSON and drawn by a littl
 The browser holds every evaluation's samples and, per training step, up to ``samples_per_step``
 completions spread evenly over the step (a long run with all its completions would make a page of
 gigabytes). A URL fragment picks the view, e.g. ``report.html#source=step-40&min=0.5&q=wait``.
+
+An episode is shown turn by turn, each observation in a box of its own colour and labelled with its role (a
+failed tool call in red), so what the environment wrote is never mistaken for the policy's text.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 from rlreason.observe.inspect_run import CURVES, Run
 from rlreason.observe.runlog import spread
 
-_KEEP = ("task", "prompt", "answer", "completion", "rewards", "total", "advantage", "length", "truncated")
+_KEEP = ("task", "prompt", "answer", "completion", "rewards", "total", "advantage", "length", "truncated", "turns")
 
 
 def _weighted_total(rewards: dict[str, Any], weights: dict[str, float]) -> float:
@@ -34,7 +37,7 @@ def _step_sources(run: Run, samples_per_step: int) -> list[dict[str, Any]]:
         sources.append({
             "key": f"step-{step}",
             "label": f"step {step}" + (f" ({len(kept)} of {len(rows)})" if len(kept) < len(rows) else ""),
-            "samples": [{k: r.get(k) for k in _KEEP} for r in kept],
+            "samples": [{k: r[k] for k in _KEEP if k in r} for r in kept],
         })
 
     step, rows = None, []
@@ -85,6 +88,7 @@ def report_data(run: Run, samples_per_step: int = 32) -> dict[str, Any]:
         "meta": {
             "model": cfg.get("model", {}).get("name"),
             "task": cfg.get("task", {}).get("name"),
+            "env": cfg.get("rollout", {}).get("env"),
             "steps": run.metrics[-1]["step"] if run.metrics else 0,
             "rewards": [f"{r['name']} x{r.get('weight', 1.0):g}" for r in cfg.get("rewards", [])],
         },
@@ -133,6 +137,12 @@ svg.plot .marker { stroke: #c33; stroke-dasharray: 3 3; }
 #samples li b { font-family: monospace; }
 #sample-view { flex: 1; border: 1px solid #ddd; padding: 8px; min-height: 8em; }
 #sample-view pre { white-space: pre-wrap; word-break: break-word; background: #f7f7f7; padding: 6px; }
+.turn { margin: 6px 0; border-left: 4px solid #bbb; padding-left: 6px; }
+.turn pre { margin: 2px 0; }
+.turn .role { font-size: 11px; font-weight: bold; text-transform: uppercase; color: #555; }
+.turn.observation { border-color: #d4a017; } .turn.observation pre { background: #fff5d6; }
+.turn.observation.user { border-color: #3a8f4a; } .turn.observation.user pre { background: #e4f4e7; }
+.turn.observation.error { border-color: #c62828; } .turn.observation.error pre { background: #fde4e4; }
 .good { color: #080; } .bad { color: #b00; }
 </style>
 </head>
@@ -286,12 +296,27 @@ function showSample(i) {
   if (s.advantage !== undefined) head.push(`advantage ${fmt(s.advantage)}`);
   if (s.length !== undefined) head.push(`${s.length} tokens${s.truncated ? " (truncated)" : ""}`);
   view.appendChild(el("p", {class: s.total > 0 ? "good" : "bad"}, head.join(" · ") + (scores ? " | " + scores : "")));
-  view.appendChild(el("pre", {class: "completion"}, s.completion));
+  view.appendChild(s.turns ? episodeView(s.turns) : el("pre", {class: "completion"}, s.completion));
+}
+function episodeView(turns) {  // the policy's turns grey, each observation boxed in its role's colour
+  const box = el("div", {class: "episode"});
+  let policy = 0;
+  for (const t of turns) {
+    const observed = t.role !== "assistant";
+    const turn = el("div", {class: observed ? `turn observation ${t.role}${t.error ? " error" : ""}` : "turn policy"});
+    const tokens = t.tokens === undefined ? "" : ` · ${t.tokens} tokens`;
+    const label = observed ? `${t.role}${t.error ? " (error)" : ""}${tokens}` : `policy · turn ${++policy}`;
+    turn.appendChild(el("span", {class: "role"}, label));
+    turn.appendChild(el("pre", {}, t.content));
+    box.appendChild(turn);
+  }
+  return box;
 }
 
 function init() {
   const m = DATA.meta;
-  $("meta").textContent = `model ${m.model} · task ${m.task} · ${m.steps} steps · rewards ${m.rewards.join(", ")}`;
+  $("meta").textContent = `model ${m.model} · task ${m.task}` + (m.env ? ` · env ${m.env}` : "")
+    + ` · ${m.steps} steps · rewards ${m.rewards.join(", ")}`;
   DATA.plots.forEach(drawPlot);
   if (!DATA.plots.length && !DATA.always_zero.length) $("plots").textContent = "no metrics logged yet";
   if (DATA.always_zero.length) $("always-zero").textContent = `always 0: ${DATA.always_zero.join(", ")}`;

@@ -80,6 +80,10 @@ class StepRecord:
     truncated: list[bool]
     stats: dict[str, Any]
     tokens: int
+    turns: list[list[dict[str, Any]]] | None = None
+    """Each completion's episode, role-tagged (``Rollout.turns``); None for plain completions."""
+    observation_tokens: list[int] | None = None
+    """Tokens the environment appended to each episode; None for plain completions."""
 
 
 def gather_step(local: StepRecord, gather: Callable[[list[Any]], list[Any]]) -> StepRecord:
@@ -90,12 +94,29 @@ def gather_step(local: StepRecord, gather: Callable[[list[Any]], list[Any]]) -> 
     def cat(field: str) -> list:
         return [item for part in parts for item in getattr(part, field)]
 
+    episodes = local.turns is not None  # one config, so every process runs episodes or none does
     return StepRecord(
         samples=cat("samples"), texts=cat("texts"),
         scores=concat_scores([(p.scores, slice(None)) for p in parts], [p.scores for p in parts]),
         advantages=cat("advantages"), lengths=cat("lengths"), truncated=cat("truncated"),
         stats=merge_process_stats([p.stats for p in parts]), tokens=sum(p.tokens for p in parts),
+        turns=cat("turns") if episodes else None, observation_tokens=cat("observation_tokens") if episodes else None,
     )
+
+
+def episode_stats(record: StepRecord) -> dict[str, float]:
+    """Per-episode means of how a step's episodes went: the policy's turns, the tool's answers and how many of
+    them were failed calls, and the environment's tokens (which the loss does not read, so the length curves
+    leave them out). Nothing for plain completions."""
+    if record.turns is None or record.observation_tokens is None:
+        return {}
+    tools = [[t for t in episode if t["role"] == "tool"] for episode in record.turns]
+    return {
+        "episode/turns": float(np.mean([sum(t["role"] == "assistant" for t in episode) for episode in record.turns])),
+        "episode/tool_calls": float(np.mean([len(calls) for calls in tools])),
+        "episode/tool_errors": float(np.mean([sum(bool(t.get("error")) for t in calls) for calls in tools])),
+        "episode/observation_tokens": float(np.mean(record.observation_tokens)),
+    }
 
 
 def metrics_row(
@@ -114,6 +135,7 @@ def metrics_row(
         "zero_std_groups": float((rewards.std(dim=1) == 0).float().mean()),
         **length_stats(record.lengths, record.truncated),
         **reasoning_stats(record.texts, record.lengths, reasoning.phrases, reasoning.count_tokens),
+        **episode_stats(record),
         **{key: value.value if isinstance(value, TokenMean) else value for key, value in record.stats.items()},
         **extra,
         "reward_failures": sum(scores.failures.values()),
@@ -126,8 +148,10 @@ def metrics_row(
 
 
 def completion_rows(record: StepRecord, step: int) -> list[dict[str, Any]]:
-    """The step's lines of ``completions.jsonl``: every completion with its rewards, advantage and length."""
+    """The step's lines of ``completions.jsonl``: every completion with its rewards, advantage and length, and
+    an episode's turns."""
     scores = record.scores
+    turns = record.turns if record.turns is not None else [None] * len(record.texts)
     return [
         {
             "step": step,
@@ -140,9 +164,10 @@ def completion_rows(record: StepRecord, step: int) -> list[dict[str, Any]]:
             "advantage": float(advantage),
             "length": int(length),
             "truncated": bool(truncated),
+            **({"turns": episode} if episode is not None else {}),
         }
-        for sample, text, column, total, advantage, length, truncated in zip(
+        for sample, text, column, total, advantage, length, truncated, episode in zip(
             record.samples, record.texts, scores.columns, scores.total, record.advantages, record.lengths,
-            record.truncated, strict=True,
+            record.truncated, turns, strict=True,
         )
     ]
