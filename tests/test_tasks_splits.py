@@ -40,8 +40,15 @@ EXPECTED = {
 BUILTIN = [name for name in task_names() if get_task_builder(name).__module__.startswith("tasks.")]
 
 
+HIDDEN_STATE = {"guess_number"}
+"""Games whose rows all ask the same question: the problem is the secret a row hides, its answer."""
+
+
 def questions(dataset: Dataset) -> list[str]:
-    return [problem_key(row["prompt"][-1]["content"]) for row in dataset]
+    return [
+        problem_key(row["prompt"][-1]["content"]) + (f" [{row['answer']}]" if row["task"] in HIDDEN_STATE else "")
+        for row in dataset
+    ]
 
 
 def test_every_expected_task_is_registered():

@@ -162,6 +162,8 @@ def _observe(e: _Episode, observation: Observation | None, finished: bool, token
         e.done = True
         return
     ids = observation_ids(tokenizer, observation, e.ids[-1] if e.ids and e.ids[-1] in eos else None)
+    if not ids and (isinstance(observation, str) or observation.get("inline")):
+        return  # an empty inline observation only lets the policy go on (a stop string that was no turn boundary)
     if len(e.ids) + len(ids) >= budget:
         e.done = e.truncated = True
         return
