@@ -71,7 +71,8 @@ def test_token_ids_are_carried_exactly_from_turn_to_turn(tiny):
         eos_ids = engine.eos_ids
 
         def generate(self, prompt_ids, n, sampling, seeds=None):
-            contexts.update({seed: list(p) for seed, p in zip(seeds, prompt_ids, strict=True)})
+            rows = [list(p) for p in prompt_ids for _ in range(n)]
+            contexts.update(dict(zip(seeds, rows, strict=True)))
             return engine.generate(prompt_ids, n, sampling, seeds)
 
     rollout = episodes(Recording(), tokenizer, n=2)

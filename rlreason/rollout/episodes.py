@@ -10,7 +10,7 @@ The episode is a ``Rollout`` whose completion holds the policy's tokens and the 
 ``observation_mask`` marks the latter, and the trainer's ``loss_mask`` leaves them out of the loss and of every
 per-token statistic. The G episodes of a prompt stay one group.
 
-Left out: a row that ends its turn waits for the turn's other rows, and each turn prefills its context afresh
+Left out: a row that ends its turn waits for the turn's other rows, and each later turn prefills its context afresh
 (the fast engine's prompt-sharing applies to the first turn only).
 """
 
@@ -122,9 +122,11 @@ def run_episodes(
             break
         room = {i: limits.max_tokens - len(episodes[i].ids) for i in live}
         turn_sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, max(room.values())), stop=env.stop)
-        out = engine.generate(
-            [episodes[i].prompt + episodes[i].ids for i in live], 1, turn_sampling, [turn_seed(seeds[i], turn) for i in live]
-        )
+        turn_seeds = [turn_seed(seeds[i], turn) for i in live]
+        if turn == 0:  # a group's episodes start from one context: the engine prefills it once for all n
+            out = engine.generate([e.prompt for e in episodes[::n]], n, turn_sampling, turn_seeds)
+        else:
+            out = engine.generate([episodes[i].prompt + episodes[i].ids for i in live], 1, turn_sampling, turn_seeds)
         recorded = recorded and out.logprobs is not None
         asking = []
         for j, i in enumerate(live):
@@ -221,11 +223,17 @@ def complete(
     sampling: SamplingParams,
     seeds: list[int] | None,
     episodes: Episodes | None,
+    prefill: str = "",
 ) -> Rollout:
-    """``n`` completions of each row: plain ones, or episodes in ``episodes.env``."""
-    if episodes is None:
-        return engine.generate(encode_prompts(tokenizer, rows), n, sampling, seeds)
-    return run_episodes(engine, tokenizer, episodes.env, rows, n, sampling, episodes.limits, seeds)
+    """``n`` completions of each row: plain ones, or episodes in ``episodes.env``.
+
+    A ``prefill`` (``rollout.prefill``) ends every prompt and starts every text, so rewards, logs and evaluation
+    read the assistant's whole message although its first tokens were never sampled; episodes start without it.
+    """
+    if episodes is not None:
+        return run_episodes(engine, tokenizer, episodes.env, rows, n, sampling, episodes.limits, seeds)
+    rollout = engine.generate(encode_prompts(tokenizer, rows, prefill), n, sampling, seeds)
+    return replace(rollout, texts=[prefill + text for text in rollout.texts]) if prefill else rollout
 
 
 def scored_samples(rows: list[dict[str, Any]], n: int, rollout: Rollout) -> list[dict[str, Any]]:
