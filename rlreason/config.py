@@ -204,6 +204,18 @@ class TrainConfig:
     max_bad_steps: int = 3
     """Stop after this many consecutive steps whose update was skipped for a non-finite loss or gradient."""
     seed: int = 0
+    rollout_correction: Literal["none", "tis", "mis"] = "none"
+    """Correct the gap between the "fast" engine's log-probs and the trainer's at the weights that sampled the batch
+    (other kernels, bf16 rounding): each token's policy term is weighted by r = pi_trainer / pi_engine, detached.
+    "tis" truncates it to min(r, rollout_correction_cap) (Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"; veRL's rollout_is: token); "mis" keeps r inside [rollout_correction_low,
+    rollout_correction_cap] and drops the token's policy term outside it (masked IS: Liu et al. 2025, "When speed
+    kills stability"; IcePop). The gap itself is logged whenever the engine records log-probs. Needs rollout.engine
+    "fast"."""
+    rollout_correction_cap: float = 2.0
+    """Upper bound C of the rollout correction's weight, > 1 (Yao et al. 2025 and veRL's rollout_is_threshold: 2)."""
+    rollout_correction_low: float | None = None
+    """Lower bound of "mis"'s band, in [0, 1); null: 1 / rollout_correction_cap (veRL's rollout_rs_threshold_lower)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.scale_rewards, bool):  # the old boolean spelling
@@ -683,7 +695,9 @@ def _sample_problems(sc: SampleConfig) -> list[str]:
     return problems
 
 
-_OBJECTIVE_CHOICES = ("loss_type", "advantage", "scale_rewards", "importance_sampling", "kl_estimator", "overlong")
+_OBJECTIVE_CHOICES = (
+    "loss_type", "advantage", "scale_rewards", "importance_sampling", "kl_estimator", "overlong", "rollout_correction"
+)
 """The ``train`` options that pick one variant of the GRPO-family objective."""
 
 
@@ -711,6 +725,31 @@ def _objective_problems(tr: TrainConfig, ro: RolloutConfig) -> list[str]:
         )
     if not 0 < tr.top_entropy_quantile <= 1:
         problems.append(f"train.top_entropy_quantile: must be in (0, 1] (1.0: every token), got {tr.top_entropy_quantile}")
+    return problems + _rollout_correction_problems(tr, ro)
+
+
+def _rollout_correction_problems(tr: TrainConfig, ro: RolloutConfig) -> list[str]:
+    """The correction divides by the engine's log-probs and needs the trainer's own at the sampling weights."""
+    problems = []
+    if tr.rollout_correction in ("tis", "mis") and ro.engine != "fast":
+        problems.append(
+            f"train.rollout_correction: {tr.rollout_correction!r} needs rollout.engine 'fast' (the 'hf' engine records "
+            "no log-probs to correct for)"
+        )
+    if tr.rollout_correction in ("tis", "mis") and tr.rollout_logprobs and tr.num_iterations > 1:
+        problems.append(
+            "train.rollout_correction: not with train.rollout_logprobs and num_iterations > 1 (the engine's log-probs "
+            "would stand in for the trainer's old ones, so every weight would be 1)"
+        )
+    if tr.rollout_correction_cap <= 1:
+        problems.append(
+            f"train.rollout_correction_cap: must be > 1 (a token without a gap has weight 1), got {tr.rollout_correction_cap}"
+        )
+    low = tr.rollout_correction_low
+    if low is not None and tr.rollout_correction != "mis":
+        problems.append("train.rollout_correction_low: only with train.rollout_correction 'mis' (the lower end of its band)")
+    elif low is not None and not 0 <= low < 1:
+        problems.append(f"train.rollout_correction_low: must be in [0, 1) (null: 1 / rollout_correction_cap), got {low}")
     return problems
 
 

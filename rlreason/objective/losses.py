@@ -9,12 +9,15 @@ same gradient as one big batch, and the choice of ``token_weights`` is the aggre
 - ``clipped_surrogate``: PPO's clip with separate low/high ranges (DAPO's clip-higher) and dual clip.
 - ``kl_divergence``: the k1, k2, k3 estimators of KL(policy || reference) (Schulman 2020).
 - entropy bonus, and ``high_entropy_mask`` to train only on the highest-entropy tokens.
+- ``rollout_correction_weights``: importance weights of the policy term for the gap between the rollout engine's
+  log-probs and the trainer's at the same weights (TIS, MIS).
 
 Every term is aggregated by the same ``token_weights``, the entropy bonus too (as in veRL; TRL takes its token
 mean): the bonus then keeps its strength relative to the surrogate whatever the loss type and the lengths.
 
 Left out: value functions and GAE, per-token advantages (an advantage is per sequence, broadcast over its
-tokens), soft reference updates (TR-DPO's mixing), and sequence-level variants of the KL term.
+tokens), soft reference updates (TR-DPO's mixing), and sequence-level variants of the KL term and of the rollout
+correction (one weight per sequence: veRL's ``rollout_is: sequence``, sequence-level MIS).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 IMPORTANCE_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+ROLLOUT_CORRECTIONS = ("tis", "mis")
 
 
 def importance_log_ratio(
@@ -96,6 +100,30 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return kl_divergence(logprobs, ref_logprobs, "k3")
 
 
+def rollout_correction_weights(
+    old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mode: str, cap: float = 2.0, low: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Detached per-token weights [N, L] of the policy term, and where their bound acted (bool [N, L]).
+
+    The engine that sampled a token gives it a probability pi_engine that differs from the trainer's pi_old at the
+    same weights (other kernels, bf16 rounding), so the batch is slightly off-policy for the trainer; the
+    importance weight r = pi_old / pi_engine corrects that, bounded so that one token cannot dominate:
+
+      tis  w = min(r, cap); acted where r > cap (truncated). Yao et al. 2025, "Your efficient RL framework
+           secretly brings you off-policy RL training" (C = 2); veRL's ``rollout_is: token``.
+      mis  w = r inside [low, cap], 0 outside (the token's policy term is dropped); acted outside (masked).
+           Masked IS: Liu et al. 2025, "When speed kills stability"; IcePop (Ling Team 2025). ``low`` None:
+           1 / cap, as veRL's ``rollout_rs_threshold_lower``.
+    """
+    ratio = torch.exp(old_logprobs.detach() - engine_logprobs.detach())
+    if mode == "tis":
+        return ratio.clamp(max=cap), ratio > cap
+    if mode == "mis":
+        outside = (ratio < (1 / cap if low is None else low)) | (ratio > cap)
+        return torch.where(outside, torch.zeros_like(ratio), ratio), outside  # <- not r * 0: r may be inf there
+    raise ValueError(f"rollout correction must be one of {ROLLOUT_CORRECTIONS}, got {mode!r}")
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -112,18 +140,22 @@ def policy_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     policy_mask: torch.Tensor | None = None,
+    rollout_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The per-token loss [N, L]: clipped surrogate + beta * KL to the reference - entropy_coef * entropy.
 
     ``mask`` [N, L] marks real completion tokens (only the sequence-level ratio reads it); aggregation is left to
     ``token_weights``. ``policy_mask`` (0/1, e.g. ``high_entropy_mask``) keeps the surrogate and the entropy bonus on
     its tokens only; the KL term stays on every token, as in TRL, because the reference constrains the whole
-    completion (shared weights move the unselected tokens too). Returns the loss and detached per-token stats:
-    ratio, clip flags, and kl when beta > 0.
+    completion (shared weights move the unselected tokens too). ``rollout_weights`` (``rollout_correction_weights``)
+    multiply the surrogate only, as in veRL: they correct the policy gradient's estimate, and the KL and entropy
+    terms are regularisers. Returns the loss and detached per-token stats: ratio, clip flags, and kl when beta > 0.
     """
     ratio = torch.exp(importance_log_ratio(logprobs, old_logprobs, mask, importance_sampling))
     loss, stats = clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high, dual_clip)
     stats["ratio"] = ratio.detach()
+    if rollout_weights is not None:
+        loss = loss * rollout_weights
     if policy_mask is not None:
         loss = loss * policy_mask
     if beta > 0:

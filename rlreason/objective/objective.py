@@ -1,6 +1,6 @@
 """The objective of a run, built once from ``train.*`` and ``rollout.*``: the one place that reads its options.
 
-The trainer asks it what a step needs (old log-probs, reference log-probs, entropies), how to shape rewards
+The trainer asks it what a step needs (old, reference or engine log-probs, entropies), how to shape rewards
 (soft overlong punishment, KL in the reward), which tokens train and how much each weighs (the loss type's
 aggregation, overlong masking, the top-entropy tokens), and for the per-token loss and the metrics it logs. The
 math itself stays in the pure functions of advantages.py and losses.py; this class only chooses and composes them.
@@ -9,16 +9,29 @@ math itself stays in the pure functions of advantages.py and losses.py; this cla
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from rlreason.config import Config
 from rlreason.objective.advantages import compute_advantages, kl_penalised_rewards, overlong_penalty
-from rlreason.objective.losses import high_entropy_mask, kl_divergence, policy_loss, token_weights
+from rlreason.objective.losses import (
+    high_entropy_mask,
+    kl_divergence,
+    policy_loss,
+    rollout_correction_weights,
+    token_weights,
+)
 
 CLIP_STATS = ("clipped", "clipped_low", "clipped_high", "clipped_dual")
+ROLLOUT_STATS = {
+    "logprob_gap": "rollout/logprob_gap",
+    "is_weight": "rollout/is_weight_mean",
+    "is_truncated": "rollout/is_truncated_fraction",
+    "is_masked": "rollout/is_masked_fraction",
+}
+"""Per-token stats of the engine/trainer gap and its correction -> their logged names."""
 
 
 @dataclass(frozen=True)
@@ -40,18 +53,24 @@ class TokenMean:
 @dataclass(frozen=True)
 class FrozenPass:
     """Per-token tensors [N, L] of the batch under models that are not being updated, computed once per step: the
-    sampling policy's log-probs and entropy, and the reference's log-probs; None where the objective needs none."""
+    sampling policy's log-probs and entropy, and the reference's log-probs; None where the objective needs none.
+    ``engine``: the log-probs the rollout engine recorded while sampling (``Rollout.logprobs``), None where it
+    records none."""
 
     old: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     ref: torch.Tensor | None = None
+    engine: torch.Tensor | None = None
+
+    def _tensors(self) -> list[torch.Tensor | None]:
+        return [getattr(self, f.name) for f in fields(self)]
 
     def to(self, device: torch.device) -> FrozenPass:
-        return FrozenPass(*(None if t is None else t.to(device) for t in (self.old, self.entropy, self.ref)))
+        return FrozenPass(*(None if t is None else t.to(device) for t in self._tensors()))
 
     def select(self, rows: slice, width: int) -> FrozenPass:
         """The rows of a micro-batch, cut to its completion width."""
-        return FrozenPass(*(None if t is None else t[rows, :width] for t in (self.old, self.entropy, self.ref)))
+        return FrozenPass(*(None if t is None else t[rows, :width] for t in self._tensors()))
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,9 @@ class Objective:
     entropy_coef: float = 0.0
     top_entropy_quantile: float = 1.0
     num_iterations: int = 1
+    rollout_correction: str = "none"
+    rollout_correction_cap: float = 2.0
+    rollout_correction_low: float | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> Objective:
@@ -112,6 +134,8 @@ class Objective:
             kl_in_reward=tr.kl_in_reward, ref_update_every=tr.ref_update_every, overlong=tr.overlong,
             overlong_buffer=tr.overlong_buffer, entropy_coef=tr.entropy_coef,
             top_entropy_quantile=tr.top_entropy_quantile, num_iterations=tr.num_iterations,
+            rollout_correction=tr.rollout_correction, rollout_correction_cap=tr.rollout_correction_cap,
+            rollout_correction_low=tr.rollout_correction_low,
         )
 
     # ---------------------------------------------------------------- what a step needs
@@ -131,6 +155,11 @@ class Objective:
         return self.num_iterations > 1 or self.kl_in_reward or self.needs_entropy
 
     @property
+    def needs_engine_logprobs(self) -> bool:
+        """The rollout correction weighs each token by the trainer's probability of it over the engine's."""
+        return self.rollout_correction != "none"
+
+    @property
     def entropy_grad(self) -> bool:
         return self.entropy_coef != 0
 
@@ -143,8 +172,12 @@ class Objective:
         return bool(self.ref_update_every) and step % self.ref_update_every == 0
 
     def loss_inputs(self, frozen: FrozenPass) -> FrozenPass:
-        """The frozen tensors the loss reads: old log-probs for a ratio that can move, the reference's for a KL term."""
-        return FrozenPass(old=frozen.old if self.num_iterations > 1 else None, ref=frozen.ref if self.kl_in_loss else None)
+        """The frozen tensors the loss reads: old log-probs for a ratio that can move, the reference's for a KL term,
+        and the engine's, whenever recorded, for the gap to them (logged) and its correction."""
+        return FrozenPass(
+            old=frozen.old if self.num_iterations > 1 else None, ref=frozen.ref if self.kl_in_loss else None,
+            engine=frozen.engine,
+        )
 
     # ---------------------------------------------------------------- rewards and advantages
 
@@ -210,12 +243,31 @@ class Objective:
         frozen: FrozenPass,
         entropy: torch.Tensor,
         policy_mask: torch.Tensor | None = None,
+        fresh: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The per-token loss of a micro-batch and its per-token stats. ``frozen`` holds the micro-batch's columns of
-        ``loss_inputs``; without old log-probs the batch was sampled from this very policy, so the ratio is exactly 1."""
-        return policy_loss(
+        ``loss_inputs``; without old log-probs the batch was sampled from this very policy, so the ratio is exactly 1.
+
+        ``fresh``: ``logprobs`` are at the weights that sampled the batch (the first pass over it), so their gap to
+        the engine's is the engine/trainer mismatch, measured without a pass of its own. The rollout correction
+        divides the trainer's probabilities at those weights (the old log-probs, or these while they are the same)
+        by the engine's."""
+        old = frozen.old if frozen.old is not None else logprobs.detach()
+        stats: dict[str, torch.Tensor] = {}
+        if fresh and frozen.engine is not None:
+            stats["logprob_gap"] = (logprobs.detach() - frozen.engine).abs()
+        weights = None
+        if self.needs_engine_logprobs:
+            if frozen.engine is None:
+                raise ValueError("train.rollout_correction needs the log-probs the engine recorded (rollout.engine 'fast')")
+            weights, acted = rollout_correction_weights(
+                old, frozen.engine, self.rollout_correction, self.rollout_correction_cap, self.rollout_correction_low
+            )
+            stats["is_weight"] = weights
+            stats["is_truncated" if self.rollout_correction == "tis" else "is_masked"] = acted
+        loss, loss_stats = policy_loss(
             logprobs,
-            frozen.old if frozen.old is not None else logprobs.detach(),
+            old,
             advantages,
             mask,
             importance_sampling=self.importance_sampling,
@@ -228,16 +280,20 @@ class Objective:
             entropy=entropy,
             entropy_coef=self.entropy_coef,
             policy_mask=policy_mask,
+            rollout_weights=weights,
         )
+        return loss, {**loss_stats, **stats}
 
     @staticmethod
     def token_metrics(
         stats: dict[str, torch.Tensor], entropy: torch.Tensor, mask: torch.Tensor, trained: torch.Tensor
     ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(name, per-token values, the tokens they average over) for the logged token means: clip fractions over
-        the tokens whose policy term trains, the rest over every completion token."""
+        the tokens whose policy term trains, the rest over every token of ``mask`` (the policy's, observations left
+        out)."""
         out = [(name.replace("clipped", "clip_fraction"), stats[name], trained) for name in CLIP_STATS if name in stats]
         out += [("ratio", stats["ratio"], mask), ("entropy", entropy.detach(), mask)]
         if "kl" in stats:
             out.append(("kl", stats["kl"], mask))
+        out += [(logged, stats[name], mask) for name, logged in ROLLOUT_STATS.items() if name in stats]
         return out

@@ -216,7 +216,8 @@ class Trainer:
         record = StepRecord(
             samples=[row for row in batch.rows for _ in range(G)], texts=rollout.texts, scores=batch.scores,
             advantages=advantages.tolist(), lengths=rollout.loss_mask.sum(dim=1).float().tolist(),
-            truncated=rollout.truncated.tolist(), stats=stats, tokens=rollout.num_completion_tokens,
+            truncated=rollout.truncated.tolist(), stats=stats, tokens=rollout.num_completion_tokens, turns=rollout.turns,
+            observation_tokens=None if rollout.observation_mask is None else rollout.observation_mask.sum(dim=1).tolist(),
         )
         if self.world > 1:  # log the whole step once: every process's groups, in process order
             record = gather_step(record, gather_object)
@@ -232,7 +233,8 @@ class Trainer:
         return self.sampler.sample(P, G)
 
     def _frozen_pass(self, rollout: Rollout, inputs: list[LogprobInputs]) -> FrozenPass:
-        """What the objective needs from models that are not being updated, computed once per batch."""
+        """What the objective needs from models that are not being updated, computed once per batch, and the
+        log-probs the engine recorded while sampling (the objective logs its gap to them, and may correct it)."""
         old = entropy = ref = None
         temperature = self.config.rollout.temperature
         if self.config.train.rollout_logprobs and rollout.logprobs is not None and not self.objective.needs_entropy:
@@ -242,7 +244,7 @@ class Trainer:
         if self.objective.needs_reference:
             with self._reference() as reference:
                 ref, _ = frozen_logprobs(reference, rollout, inputs, self.accelerator, temperature, self.head_math)
-        return FrozenPass(old, entropy, ref)
+        return FrozenPass(old, entropy, ref, rollout.logprobs)
 
     @contextlib.contextmanager
     def _reference(self) -> Iterator[Any]:
@@ -261,7 +263,7 @@ class Trainer:
 
         ``frozen`` is ``_frozen_pass(rollout, inputs)``; ``inputs`` is ``_model_inputs(rollout)``, already on the
         device, so the loop below never waits on the host. Per-token stats are ``TokenMean``s over every iteration's
-        tokens.
+        tokens; the first iteration's forward passes are at the sampling weights (``Objective.loss``'s ``fresh``).
         """
         objective, device = self.objective, self.accelerator.device
         aggregate = partial(aggregate_over_processes, objective.aggregate, self.accelerator)
@@ -272,9 +274,9 @@ class Trainer:
         self.model.train()
         if self.config.train.cuda_graphs:
             keep_gradients(self.model)
-        for _ in range(objective.num_iterations):
+        for iteration in range(objective.num_iterations):
             pass_losses = [
-                self._micro_step(batch, rows, i == len(slices) - 1, step, sums)
+                self._micro_step(batch, rows, i == len(slices) - 1, step, sums, fresh=iteration == 0)
                 for i, (rows, batch) in enumerate(zip(slices, inputs, strict=True))
             ]
             losses += pass_losses
@@ -289,9 +291,12 @@ class Trainer:
             self._refresh_reference()
         return out
 
-    def _micro_step(self, batch: LogprobInputs, rows: slice, sync: bool, step: UpdateBatch, sums: TokenSums) -> torch.Tensor:
-        """Forward and backward of one micro-batch (gradients synchronised across processes when ``sync``); its
-        per-token stats are added to ``sums``, on the device. Returns its detached loss."""
+    def _micro_step(
+        self, batch: LogprobInputs, rows: slice, sync: bool, step: UpdateBatch, sums: TokenSums, fresh: bool
+    ) -> torch.Tensor:
+        """Forward and backward of one micro-batch (gradients synchronised across processes when ``sync``; ``fresh``
+        when the weights are still those that sampled it); its per-token stats are added to ``sums``, on the device.
+        Returns its detached loss."""
         width = batch.completion_width
         if self.config.train.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # nothing of the last micro-batch's replay is needed
@@ -303,7 +308,9 @@ class Trainer:
             )
             mask = batch.trained_mask.to(logprobs.dtype)
             frozen = step.frozen.select(rows, width)
-            per_token, stats = self.objective.loss(logprobs, step.advantages[rows], mask, frozen, entropy, mine.policy)
+            per_token, stats = self.objective.loss(
+                logprobs, step.advantages[rows], mask, frozen, entropy, mine.policy, fresh=fresh
+            )
             loss = (per_token * mine.weights).sum()
             self.accelerator.backward(loss)
         for name, values, where in self.objective.token_metrics(stats, entropy, mask, mine.trained.float()):
