@@ -613,6 +613,9 @@ def validate(config: Config) -> list[str]:
             problems.append(f"task.mix[{i}].name: {exc.args[0]}")
         if not isinstance(part.get("weight", 1.0), (int, float)) or part.get("weight", 1.0) <= 0:
             problems.append(f"task.mix[{i}].weight: must be a number > 0, got {part.get('weight')!r}")
+    from tasks.verifiers_task import config_problems as verifiers_problems
+
+    problems += verifiers_problems(config.task, ro)
     if config.sft.data is not None and config.sft.steps > 0 and not Path(config.sft.data).is_file():
         problems.append(f"sft.data: file {config.sft.data!r} does not exist")
     for name, threshold in config.run.milestones.items():
