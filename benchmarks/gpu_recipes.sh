@@ -1,0 +1,55 @@
+#!/bin/bash
+# The recipes on one GPU with the real default model (device tool), in calls made back to back while it is warm:
+#   1. CARRY .gpu_carry/a:  STAGE=1 benchmarks/gpu_recipes.sh        (half of the GGUF to /tmp, wheels installed)
+#   2. CARRY .gpu_carry/b:  STAGE=2 JOBS="default curve" benchmarks/gpu_recipes.sh
+#   3. (nothing new)        STAGE=3 JOBS="zero episodes" benchmarks/gpu_recipes.sh
+# .gpu_carry/a and /b hold the two halves of SmolLM2-135M-Instruct.Q4_1.gguf (split -b 50000000 -d: gg.part00, 01);
+# .whl the wheels the image lacks (benchmarks/gpu_env.sh). Each run's logs (not its checkpoints) come back packed in
+# $OUT/logs-STAGE.tgz (few files may come back), its wall time in $OUT/times.txt.
+source "$(dirname "$0")/gpu_env.sh"
+GGUF=/tmp/gg/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p /tmp/gg /tmp/runs
+if [ "$STAGE" = 1 ]; then
+  cp .gpu_carry/a/gg.part00 /tmp/gg/ && echo "part 0 in place"
+  exit 0
+fi
+if [ ! -f "$GGUF" ]; then
+  cp .gpu_carry/b/gg.part01 /tmp/gg/ && cat /tmp/gg/gg.part00 /tmp/gg/gg.part01 > "$GGUF" || exit 1
+fi
+md5sum "$GGUF"
+python3 -c "from rlreason.models import cached_gguf; print(cached_gguf('$GGUF'))"  # converted once, before any timing
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+[ -f runs/cold_start/arithmetic.jsonl ] || python3 -m rlreason traces --task arithmetic --n 1000 --out runs/cold_start/arithmetic.jsonl
+
+LOGS=/tmp/logs-$STAGE
+keep_logs() {  # the run directory's logs and the command's output
+  mkdir -p "$LOGS/$1"
+  cp /tmp/runs/"$1"/{config.yaml,metrics.jsonl,evals.jsonl,summary.json,completions.jsonl} /tmp/runs/"$1".log "$LOGS/$1/" 2>/dev/null
+}
+
+train() {  # NAME CONFIG [overrides...]: one timed `rlreason train` run
+  name=$1; shift
+  start=$(date +%s.%N)
+  python3 -m rlreason train "$@" model.name="$GGUF" run.output_dir=/tmp/runs/"$name" run.progress=false \
+    > /tmp/runs/"$name".log 2>&1
+  code=$?
+  end=$(date +%s.%N)
+  keep_logs "$name"
+  echo "$name: exit $code, $(python3 -c "print(f'{$end - $start:.1f}')") s wall" | tee -a "$OUT/times.txt"
+  grep -E "^\[eval|Error|error" /tmp/runs/"$name".log | grep -v -i warn | tail -12
+}
+
+for job in $JOBS; do
+  case $job in
+    default) train default configs/default.yaml ;;
+    default_nosave) train default_nosave configs/default.yaml run.save_every=0 run.keep_last=1 ;;
+    curve) train curve configs/default.yaml train.steps=50 run.eval_every=12 run.save_every=0 run.keep_last=1 ;;
+    zero) train zero configs/zero.yaml ;;
+    tool) train tool configs/tool.yaml ;;
+    episodes)
+      python3 benchmarks/episodes.py --model 360m --prompts 16 --group 8 --turns 4 --turn-tokens 64 \
+        --observation-tokens 32 --tokenizer .bench_assets/tokenizer 2>&1 | grep -v -i warn | tee "$OUT/episodes.txt" ;;
+    *) echo "unknown job $job" ;;
+  esac
+done
+[ -d "$LOGS" ] && tar czf "$OUT/logs-$STAGE.tgz" -C "$LOGS" .
