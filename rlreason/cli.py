@@ -169,16 +169,27 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_traces(args: argparse.Namespace) -> int:
     from tasks.registry import load_task
 
-    options = dict(load_config(None, [f"task.options.{o}" for o in args.option]).task.options)
-    data = load_task(args.task, "train", args.n, args.seed, **options)
-    if "solution" not in data.column_names:
-        raise SystemExit(f"task {args.task!r} has no worked solutions to make traces from")
+    config = load_config(None, [f"task.options.{o}" for o in args.option] + [f"rollout.env_options.{o}" for o in args.env_option])
+    data = load_task(args.task, "train", args.n, args.seed, **dict(config.task.options))
+    field = "tool_solution" if args.env else "solution"
+    if field not in data.column_names:
+        raise SystemExit(f"task {args.task!r} has no {field} to make traces from")
+    if args.env:
+        from rlreason.training.sft import tool_traces
+        from tasks.environments import get_environment
+
+        try:
+            conversations = tool_traces(get_environment(args.env, **config.rollout.env_options), data.to_list(), field)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from exc
+    else:
+        conversations = [[*row["prompt"], {"role": "assistant", "content": row["solution"]}] for row in data]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
-        for row in data:
-            f.write(json.dumps({"messages": [*row["prompt"], {"role": "assistant", "content": row["solution"]}]}) + "\n")
-    print(f"wrote {len(data)} traces from the train split of {args.task!r} to {out}")
+        for messages in conversations:
+            f.write(json.dumps({"messages": messages}) + "\n")
+    print(f"wrote {len(data)} traces from the train split of {args.task!r}{f' in {args.env}' if args.env else ''} to {out}")
     return 0
 
 
@@ -260,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--out", required=True)
     traces.add_argument("--seed", type=int, default=0)
     traces.add_argument("--option", action="append", default=[], help="task option key=value, e.g. digits=3")
+    traces.add_argument("--env", help="write the task's tool_solution as episodes of this environment (its prompt, outputs checked)")
+    traces.add_argument("--env-option", action="append", default=[], help="environment option key=value, as rollout.env_options")
     traces.set_defaults(func=cmd_traces)
     ins = sub.add_parser("inspect", help="read a run directory back: curves, completions, eval diffs, an HTML report")
     ins.add_argument("run_dir")

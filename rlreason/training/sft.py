@@ -1,7 +1,7 @@
 """Supervised fine-tuning on chat traces: the R1 cold start that teaches the output format before RL.
 
-Loss is taken on the assistant's final turn only; the prompt is tokenized exactly as the rollout tokenizes it,
-so what SFT teaches is what generation continues from. The data is text, so any causal LM can be the student
+Loss is taken on the assistant's final turn only, less the tool outputs shown inside it (``encode_conversation``);
+the prompt is tokenized exactly as the rollout tokenizes it, so what SFT teaches is what generation continues from. The data is text, so any causal LM can be the student
 (distillation): each conversation is re-tokenized with the student's own tokenizer and chat template.
 
 Packing (``sft.pack``) lays a step's conversations end to end instead of padding each to the longest. Position ids
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from rlreason.data import PromptStream
+from tasks.environments import Environment, step_all
 from tasks.prompts import render
 
 IGNORE = -100
@@ -44,16 +45,92 @@ def load_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     return conversations
 
 
-def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Input ids and labels (IGNORE on the prompt) for one conversation, ending with an end-of-turn token."""
-    prompt = render(tokenizer, messages[:-1], add_generation_prompt=True)
-    full = render(tokenizer, messages, add_generation_prompt=False)
-    answer = full[len(prompt) :].rstrip() if full.startswith(prompt) else messages[-1]["content"]
+def reply_start(messages: list[dict[str, Any]]) -> int:
+    """Where the final reply begins: the last message, and before it every inline observation together with the
+    assistant segment it answered (a tool's output shown inside the policy's message)."""
+    start = len(messages) - 1
+    while start >= 2 and messages[start - 1].get("inline") and messages[start - 2].get("role") == "assistant":
+        start -= 2
+    return start
+
+
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """Input ids and labels (IGNORE on the prompt) for one conversation, ending with an end-of-turn token.
+
+    A final reply in segments (``reply_start``) is rendered as one assistant message and each segment is
+    tokenized alone, as the episode runner tokenizes what the policy wrote and each observation apart; the inline
+    observations get IGNORE labels, as the policy never writes them.
+    """
+    start = reply_start(messages)
+    segments = messages[start:]
+    content = "".join(m["content"] for m in segments)
+    prompt = render(tokenizer, messages[:start], add_generation_prompt=True)
+    full = render(tokenizer, [*messages[:start], {"role": "assistant", "content": content}], add_generation_prompt=False)
+    answer = full[len(prompt) :].rstrip() if full.startswith(prompt) else content
+    pieces = [m["content"] for m in segments]
+    if answer.startswith(content):  # the template's end of message goes with the last segment
+        pieces[-1] += answer[len(content) :]
+    elif len(segments) == 1:  # a template that rewrites the message: its text is what generation continues from
+        pieces = [answer]
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if not answer_ids or answer_ids[-1] != tokenizer.eos_token_id:
-        answer_ids.append(tokenizer.eos_token_id)
-    return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
+    ids, labels = list(prompt_ids), [IGNORE] * len(prompt_ids)
+    for message, piece in zip(segments, pieces, strict=True):
+        piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        ids += piece_ids
+        labels += [IGNORE] * len(piece_ids) if message.get("inline") else piece_ids
+    if len(ids) == len(prompt_ids) or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return ids, labels
+
+
+def tool_traces(env: Environment, rows: list[dict[str, Any]], field: str = "tool_solution") -> list[list[dict[str, Any]]]:
+    """Conversations for a cold start with a tool: ``env.reset(row)`` and the row's segmented reply (``field``:
+    policy segments and the inline observations between them), each checked against the environment.
+
+    Every policy segment is stepped through ``env`` as a rollout would: one followed by an observation must end at
+    the environment's stop string and get exactly that observation back; the last must end the episode. A trace
+    that fails teaches what no episode would show, so it is refused, naming the row.
+    """
+    conversations = [list(env.reset(row)) for row in rows]
+    states: list[dict[str, Any]] = [{"row": row, "turn": 0, "turns": []} for row in rows]
+    replies = [list(row[field]) for row in rows]
+    for k in range(0, max(len(reply) for reply in replies), 2):
+        live = [i for i, reply in enumerate(replies) if k < len(reply)]
+        if any(replies[i][k].get("role") != "assistant" for i in live):
+            raise ValueError(f"every other segment of {field!r}, from the first, must be the assistant's")
+        texts = [replies[i][k]["content"] for i in live]
+        for i, text in zip(live, texts, strict=True):
+            states[i]["turn"] += 1
+            states[i]["turns"].append({"role": "assistant", "content": text})
+            conversations[i].append({"role": "assistant", "content": text})
+        answers = step_all(env, [states[i] for i in live], texts)
+        for i, text, (observation, done) in zip(live, texts, answers, strict=True):
+            expected = replies[i][k + 1] if k + 1 < len(replies[i]) else None
+            _check_step(i, text, observation, done, expected, env.stop)
+            if expected is not None:
+                inline = isinstance(observation, str)
+                message = {"role": "tool", "content": observation, "inline": True} if inline else dict(observation)
+                states[i]["turns"].append(message)
+                conversations[i].append(message)
+    return conversations
+
+
+def _check_step(
+    row: int, text: str, observation: Any, done: bool, expected: dict[str, Any] | None, stop: tuple[str, ...]
+) -> None:
+    stops = [text.find(s) + len(s) for s in stop if s in text]
+    if expected is None:
+        if not done or stops:
+            raise ValueError(f"row {row}: the reply's last segment does not end the episode: {text!r}")
+        return
+    if not expected.get("inline") or expected.get("role") == "assistant":
+        raise ValueError(f"row {row}: a policy segment must be followed by an inline observation, got {expected!r}")
+    if min(stops, default=-1) != len(text):
+        raise ValueError(f"row {row}: a segment before an observation must end at the first stop string {stop}: {text!r}")
+    got = observation if isinstance(observation, str) or observation is None else observation.get("content")
+    if done or got != expected["content"]:
+        raise ValueError(f"row {row}: the environment answers {got!r} (done: {done}), the trace shows {expected['content']!r}")
 
 
 def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
