@@ -8,7 +8,9 @@ Decision path, cheapest first:
    ASCII digits). None, longer than MAX_ANSWER_CHARS, or hedged ("3 or 4" when the gold has no "or"): 0.
 2. Both sides are normalised (``normalise``: ``\$`` is a currency sign, ``1\,000`` and ``1 000`` are 1000).
    Plain integers, decimals and fractions on both sides then compare exactly in-process, so the arithmetic task
-   never pays for a process round-trip.
+   never pays for a process round-trip. When the gold is a plain number, an answer that is a formula with
+   arithmetic left in it (``572 * 655``, ``x = 2^{10}``) scores 0: it equals the gold symbolically, but it is the
+   question restated, and a policy trained on such a reward learns to copy the question into its answer.
 3. Anything else goes to math-verify (sympy) in a sandboxed worker: LaTeX, percentages (``10\%`` equals 10
    and 0.1), sets and intervals, symbolic equality. math-verify's own timeouts rely on SIGALRM and have let
    towers of powers and nested logs hang or exhaust memory, so the worker is killed at a hard deadline.
@@ -32,6 +34,17 @@ PARSE_TIMEOUT_S = 2  # math-verify's own (soft) timeouts, inside the hard deadli
 VERIFY_TIMEOUT_S = 2
 _DIGIT_GROUP = re.compile(r"(?<=[0-9])(?: |\\,|\\ |~|\{,\})(?=[0-9]{3}(?![0-9]))", re.ASCII)
 _PLAIN_NUMBER = re.compile(r"[+-]?[0-9]{1,100}(?:\.[0-9]{1,100})?(?:/[0-9]{1,100})?", re.ASCII)
+_ARITHMETIC = re.compile(r"[0-9)}]\s*(?:[-+*^×÷·]|\\times|\\cdot|\\div)\s*[-+]?[0-9({\\]")
+"""An operator between two operands: arithmetic still to be done ("572 * 655", "2^{10}", "3 \\times 4"; a fraction
+"1/3" is a number)."""
+_ASSIGNED = re.compile(r"^\s*\$?\s*[A-Za-z]\w*\s*=")  # "x = ...": the formula is what follows
+
+
+def leaves_arithmetic(answer: str) -> bool:
+    """``answer`` is a formula alone (no words but LaTeX commands, after a leading ``x =``) with an operator left in
+    it. Free text goes to math-verify, which reads its last formula."""
+    formula = _ASSIGNED.sub("", answer)
+    return not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", formula)) and bool(_ARITHMETIC.search(formula))
 
 
 def extract_answer(text: str) -> str | None:
@@ -90,6 +103,8 @@ def _quick_score(answer: str | None, gold: str) -> float | Job:
     predicted, expected = parse_number(answer), parse_number(gold)
     if predicted is not None and expected is not None:
         return float(predicted == expected)
+    if expected is not None and leaves_arithmetic(answer):
+        return 0.0  # a number is answered by a number: the question's own arithmetic, restated, equals it too
     return Job("rewards.math:verify_job", {"gold": gold, "answer": answer}, LIMITS)
 
 

@@ -42,7 +42,6 @@ EQUIVALENT = [
     ("[1,2)", "[1,2)"),
     ("\\{2,1\\}", "\\{1,2\\}"),
     ("(1, 2]", "(1,2]"),
-    ("2^{10}", "1024"),
     ("\\pi", "\\pi"),
     ("x = 5", "5"),
 ]
@@ -52,6 +51,7 @@ DIFFERENT = [
     ("\\{1,3\\}", "\\{1,2\\}"),
     ("x^2-1", "x^2+1"),
     ("1,234", "1.234"),
+    ("2^{10}", "1024"),  # the arithmetic is left to do: see test_the_question_restated_is_no_answer
 ]
 
 
@@ -119,3 +119,19 @@ def test_parse_number():
 def test_extract_answer_feeds_majority_vote():
     assert extract_answer("<think>maybe 5</think><answer>6</answer>") == "6"
     assert extract_answer("So the sum is 68.") == "68"
+
+
+@pytest.mark.parametrize(
+    "answer, gold",
+    [("572 * 655", "374660"), ("572*655", "374660"), ("572 \\times 655", "374660"), ("2^{10}", "1024"), ("40 + 45", "85"),
+     ("x = 572 * 655", "374660"), ("$572 \\cdot 655$", "374660")],
+)
+def test_the_question_restated_is_no_answer(answer, gold):
+    """An answer that still holds the question's arithmetic equals the gold symbolically; a policy trained on the
+    multiplication task with a Python tool learned to answer so when the tool was taken away (0.86 "accuracy")."""
+    assert math_accuracy([f"<think>compute</think><answer>{answer}</answer>"], [{"answer": gold}]) == [0.0]
+
+
+def test_a_number_in_latex_still_answers_a_number():
+    samples = [{"answer": "0.5"}, {"answer": "374660"}]
+    assert math_accuracy(["<answer>\\frac{1}{2}</answer>", "<answer>374,660</answer>"], samples) == [1.0, 1.0]
