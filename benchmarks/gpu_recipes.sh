@@ -1,18 +1,22 @@
 #!/bin/bash
 # The recipes on one GPU with the real default model (device tool), in calls made back to back while it is warm:
-#   1. CARRY .gpu_carry/a:  STAGE=1 benchmarks/gpu_recipes.sh        (half of the GGUF to /tmp, wheels installed)
-#   2. CARRY .gpu_carry/b:  STAGE=2 JOBS="default curve" benchmarks/gpu_recipes.sh
+#   1. CARRY .gpu_carry/a:  STAGE=1 benchmarks/gpu_recipes.sh        (half of the GGUF to /tmp)
+#   2. CARRY .whl .gpu_carry/b .gpu_carry/src:  STAGE=2 JOBS="default curve" benchmarks/gpu_recipes.sh
 #   3. (nothing new)        STAGE=3 JOBS="zero episodes" benchmarks/gpu_recipes.sh
+# LIMIT caps each run's seconds (its logs come back all the same); ZERO_OVERRIDES are key=value for the zero run.
 # .gpu_carry/a and /b hold the two halves of SmolLM2-135M-Instruct.Q4_1.gguf (split -b 50000000 -d: gg.part00, 01);
 # .whl the wheels the image lacks (benchmarks/gpu_env.sh). Each run's logs (not its checkpoints) come back packed in
 # $OUT/logs-STAGE.tgz (few files may come back), its wall time in $OUT/times.txt.
-source "$(dirname "$0")/gpu_env.sh"
 GGUF=/tmp/gg/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p /tmp/gg /tmp/runs
-if [ "$STAGE" = 1 ]; then
+if [ "$STAGE" = 1 ]; then  # the half alone: with the wheels it would not fit in one call
   cp .gpu_carry/a/gg.part00 /tmp/gg/ && echo "part 0 in place"
   exit 0
 fi
+source "$(dirname "$0")/gpu_env.sh"
+for sdist in .gpu_carry/src/*.tar.gz; do  # packages with no wheel (pycosat, for reasoning-gym), built there
+  [ -f "$sdist" ] && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site "$sdist"
+done
 if [ ! -f "$GGUF" ]; then
   cp .gpu_carry/b/gg.part01 /tmp/gg/ && cat /tmp/gg/gg.part00 /tmp/gg/gg.part01 > "$GGUF" || exit 1
 fi
@@ -30,7 +34,7 @@ keep_logs() {  # the run directory's logs and the command's output
 train() {  # NAME CONFIG [overrides...]: one timed `rlreason train` run
   name=$1; shift
   start=$(date +%s.%N)
-  python3 -m rlreason train "$@" model.name="$GGUF" run.output_dir=/tmp/runs/"$name" run.progress=false \
+  timeout "${LIMIT:-3000}" python3 -m rlreason train "$@" model.name="$GGUF" run.output_dir=/tmp/runs/"$name" run.progress=false \
     > /tmp/runs/"$name".log 2>&1
   code=$?
   end=$(date +%s.%N)
@@ -44,8 +48,15 @@ for job in $JOBS; do
     default) train default configs/default.yaml ;;
     default_nosave) train default_nosave configs/default.yaml run.save_every=0 run.keep_last=1 ;;
     curve) train curve configs/default.yaml train.steps=50 run.eval_every=12 run.save_every=0 run.keep_last=1 ;;
-    zero) train zero configs/zero.yaml ;;
-    tool) train tool configs/tool.yaml ;;
+    zero) train zero configs/zero.yaml $ZERO_OVERRIDES ;;
+    tool)
+      python3 -m rlreason traces --task multiplication --env python_tool --n 1000 --out runs/cold_start/multiplication_tool.jsonl
+      train tool configs/tool.yaml
+      # without the tool (the plain task, one completion): the model as shipped, and the trained one
+      python3 -m rlreason eval configs/tool.yaml model.name="$GGUF" rollout.env=null rollout.max_new_tokens=128 \
+        --out "$LOGS/tool/eval-notool-base.json" 2>&1 | grep -v -i warn | tail -3
+      python3 -m rlreason eval /tmp/runs/tool rollout.env=null rollout.max_new_tokens=128 \
+        --out "$LOGS/tool/eval-notool-final.json" 2>&1 | grep -v -i warn | tail -3 ;;
     episodes)
       python3 benchmarks/episodes.py --model 360m --prompts 16 --group 8 --turns 4 --turn-tokens 64 \
         --observation-tokens 32 --tokenizer .bench_assets/tokenizer 2>&1 | grep -v -i warn | tee "$OUT/episodes.txt" ;;

@@ -108,6 +108,11 @@ class RolloutConfig:
     max_episode_tokens: int | None = None
     """Tokens of an episode after its prompt, the policy's and the observations' together (with rollout.env);
     null: max_turns x max_new_tokens. max_new_tokens then caps each turn."""
+    prefill: str = ""
+    """Text the assistant's message starts with, after the chat template's generation prompt (e.g. "<think>\n"):
+    a model that never opens a think block starts inside one. It is part of the prompt, so it is never trained
+    on, and it starts every completion's text, so rewards, logs and evaluation read the whole message. Plain
+    completions only: episodes (rollout.env) start without it."""
 
 
 @dataclass

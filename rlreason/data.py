@@ -22,10 +22,21 @@ def task_dataset(task_config: Any, split: str, seed: int) -> Dataset:
     return load_task(task_config.name, split, size, seed, **task_config.options)
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]]) -> list[list[int]]:
-    """Token ids of each row's chat prompt, ready for generation (the template already holds special tokens)."""
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], prefill: str = ""
+) -> list[list[int]]:
+    """Token ids of each row's chat prompt, ready for generation (the template already holds special tokens),
+    then the start of the assistant's message (``rollout.prefill``).
+
+    The prefill is tokenised on its own and appended, so every prompt ends with exactly its tokens: tokenised
+    with the template, its first characters could merge with the generation prompt's last ones into other tokens.
+    """
     texts = [render(tokenizer, row["prompt"]) for row in rows]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if not prefill:
+        return prompts
+    start = tokenizer(prefill, add_special_tokens=False)["input_ids"]
+    return [ids + start for ids in prompts]
 
 
 class PromptStream:

@@ -86,6 +86,7 @@ def _generate(
     seed: int,
     bar: tqdm,
     episodes: Episodes | None = None,
+    prefill: str = "",
 ) -> tuple[list[str], list[int], list[dict[str, Any]]]:
     """Completions of every row (episodes in ``episodes.env`` when given), their generated lengths and the samples
     their rewards read; sampled ones get seeds from (seed, prompt index, sample), so the same evaluation draws the
@@ -97,7 +98,7 @@ def _generate(
     for start in range(0, len(rows), per_batch):
         chunk = rows[start : start + per_batch]
         seeds = None if sampling.greedy else [completion_seed(seed, start + p, g) for p in range(len(chunk)) for g in range(n)]
-        rollout = complete(engine, tokenizer, chunk, n, sampling, seeds, episodes)
+        rollout = complete(engine, tokenizer, chunk, n, sampling, seeds, episodes, prefill)
         texts += rollout.texts
         lengths += rollout.loss_mask.sum(dim=1).tolist()
         samples += scored_samples(chunk, n, rollout)
@@ -151,6 +152,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = False,
     episodes: Episodes | None = None,
+    prefill: str = "",
 ) -> dict[str, Any]:
     """Greedy completions for every row (accuracy, reward means, the samples); with ``samples`` = n > 0 also
     n sampled completions per row for pass@k and maj@k. ``progress`` shows a bar over the prompts; ``episodes``
@@ -158,7 +160,7 @@ def evaluate(
     rows = dataset.to_list()
     with tqdm(total=len(rows) * (2 if samples else 1), desc="eval", unit="prompt", disable=not progress, leave=False) as bar:
         greedy = SamplingParams(max_new_tokens, greedy=True)
-        texts, lengths, scored = _generate(engine, tokenizer, rows, 1, greedy, batch_size, seed, bar, episodes)
+        texts, lengths, scored = _generate(engine, tokenizer, rows, 1, greedy, batch_size, seed, bar, episodes, prefill)
         scores = score(texts, scored, rewards, reward_timeout)
         errors = verifier_errors(scores)
         first = scores.correctness()
@@ -171,7 +173,9 @@ def evaluate(
         if samples > 0:
             bar.set_description(f"eval {samples} samples")
             sampling = sampling or SamplingParams(max_new_tokens)
-            sampled_texts, _, sampled_rows = _generate(engine, tokenizer, rows, samples, sampling, batch_size, seed, bar, episodes)
+            sampled_texts, _, sampled_rows = _generate(
+                engine, tokenizer, rows, samples, sampling, batch_size, seed, bar, episodes, prefill
+            )
             sampled_scores = score(sampled_texts, sampled_rows, rewards, reward_timeout)
             errors = {**verifier_errors(sampled_scores), **errors}
             result.update(sampled_metrics(sampled_texts, sampled_scores, samples, ks or [1]))
@@ -204,7 +208,7 @@ def evaluate_config(
     with _autocast(engine, used == "bf16"):
         result = evaluate(
             engine, tokenizer, dataset, rewards, max_new, run.eval_batch_size, run.reward_timeout, ev.samples, sampling, ev.k,
-            eval_seed(config), progress and run.progress, episodes,
+            eval_seed(config), progress and run.progress, episodes, config.rollout.prefill,
         )
     return {"precision": used, **result}
 

@@ -71,7 +71,9 @@ class GroupSampler:
                 continue
             rows = [self.data[drawn[i]] for i in mine]
             seeds = [completion_seed(tr.seed, first_draw + i, g) for i in mine for g in range(G)]
-            rollout = complete(self.engine, self.tokenizer, rows, G, self.sampling, seeds, self.episodes)
+            rollout = complete(
+                self.engine, self.tokenizer, rows, G, self.sampling, seeds, self.episodes, self.config.rollout.prefill
+            )
             start = time.perf_counter()
             scores = score(rollout.texts, scored_samples(rows, G, rollout), self.rewards, self.config.run.reward_timeout)
             score_time += time.perf_counter() - start
