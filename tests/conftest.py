@@ -119,3 +119,14 @@ def sevens(completions: list[str], samples: list[dict]) -> list[float]:
 def char_codes(completions: list[str], samples: list[dict]) -> list[float]:
     """A dense reward that differs between almost any two completions: mean character code, scaled to ~[0, 1]."""
     return [sum(map(ord, c)) / len(c) / 128 if c else 0.0 for c in completions]
+
+
+@pytest.fixture
+def float32_accelerator():
+    """Accelerate's state is one per process and keeps the first mixed precision asked for: start this test's
+    float32 one afresh, and leave none behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -170,17 +170,6 @@ def test_cuda_graph_layout_trains_like_the_plain_one(tmp_path, monkeypatch):
         assert float((a - b).norm()) < 0.01 * float(a.norm())
 
 
-@pytest.fixture
-def float32_accelerator():
-    """Accelerate's state is one per process and keeps the first mixed precision asked for: start this test's
-    float32 one afresh, and leave none behind."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_token_mean_metrics_do_not_depend_on_the_micro_batch_split(tiny_llama, tmp_path, float32_accelerator):
     """entropy, ratio, kl and the clip fractions are means over the step's tokens, whatever the micro-batches (in
     float32: bf16 autocast rounds differently for each micro-batch shape)."""

@@ -75,7 +75,7 @@ def test_completions_continue_the_prefill_and_rewards_read_it(tiny, engine_class
         ("<think>2+3=5</think><answer>5", 2),  # answer never closed
         ("<think>2+3=5</think>\n<answer>5</answer> done", 3),  # text after the answer: not strict
         ("Sure. <think>2+3=5</think><answer>5</answer>", 3),  # text before the think block
-        ("<think>2+3=5</think><answer>5</answer><answer>6</answer>", 3),
+        ("<think>2+3=5</think><answer>5</answer><answer>6</answer>", 2),
         ("<think>\n2+3=5\n</think>\n<answer>5</answer>\n", 4),
     ],
 )
