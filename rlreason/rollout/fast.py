@@ -32,7 +32,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlreason.models import causal_lm
-from rlreason.rollout.engine import Rollout, SamplingParams, completion_mask, eos_token_ids, left_pad
+from rlreason.rollout.engine import (
+    Rollout,
+    SamplingParams,
+    completion_mask,
+    draw_seeds,
+    eos_token_ids,
+    left_pad,
+)
 from rlreason.rollout.fast_graphs import StepRunner
 from rlreason.rollout.fast_ops import TorchOps
 from rlreason.rollout.fast_triton_step import TritonStep
@@ -160,7 +167,7 @@ class FastEngine:
         self._check(prompt_ids, sampling.max_new_tokens)
         P, N = len(prompt_ids), len(prompt_ids) * n
         if seeds is None:
-            seeds = seeded_draw(N) if not sampling.greedy else [0] * N
+            seeds = draw_seeds(N) if not sampling.greedy else [0] * N
         started = time.perf_counter()
         self.last_stats = {}
         self.weights.refresh()
@@ -270,11 +277,6 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def seeded_draw(count: int) -> list[int]:
-    """Completion seeds from torch's global RNG (as HFEngine draws them when the caller names none)."""
-    return torch.randint(0, 2**62, (count,)).tolist()
 
 
 def build_engine(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bf16: bool = False):
