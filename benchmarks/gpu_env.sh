@@ -1,8 +1,13 @@
-# Sourced by the GPU scripts: the carried wheels (.whl: trl, datasets, dill, multiprocess) installed beside the
-# device image's packages, unbuffered output, and $OUT for what comes back.
+# Sourced by the GPU scripts: the carried wheels (.whl, and any in $WHEELS: trl, datasets, reasoning-gym and their
+# dependencies) installed into the device image's own site-packages, where the code sandbox's isolated Python finds
+# them too; unbuffered output, and $OUT for what comes back.
 set -o pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+wheels=$(ls .whl/*.whl ${WHEELS:+$WHEELS/*.whl} 2>/dev/null)
+if [ -n "$wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir $wheels 2>/dev/null ||
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --break-system-packages $wheels || exit 1
+fi
+export PYTHONPATH=$PWD

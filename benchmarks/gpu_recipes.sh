@@ -1,25 +1,29 @@
 #!/bin/bash
-# The recipes on one GPU with the real default model (device tool), in calls made back to back while it is warm:
-#   1. CARRY .gpu_carry/a:  STAGE=1 benchmarks/gpu_recipes.sh        (half of the GGUF to /tmp)
-#   2. CARRY .whl .gpu_carry/b .gpu_carry/src:  STAGE=2 JOBS="default curve" benchmarks/gpu_recipes.sh
-#   3. (nothing new)        STAGE=3 JOBS="zero episodes" benchmarks/gpu_recipes.sh
-# LIMIT caps each run's seconds (its logs come back all the same); ZERO_OVERRIDES are key=value for the zero run.
-# .gpu_carry/a and /b hold the two halves of SmolLM2-135M-Instruct.Q4_1.gguf (split -b 50000000 -d: gg.part00, 01);
-# .whl the wheels the image lacks (benchmarks/gpu_env.sh). Each run's logs (not its checkpoints) come back packed in
+# The recipes on one GPU with the real default model (device tool). A call carries at most 64 MiB, so the 98 MB
+# GGUF and the wheels travel in pieces, in calls made back to back while the machine is warm:
+#   1. CARRY .gpu_carry/a:                     STAGE=carry benchmarks/gpu_recipes.sh   (its files to /tmp/gg)
+#   2. CARRY .gpu_carry/b:                     STAGE=carry benchmarks/gpu_recipes.sh
+#   3. CARRY .whl .gpu_carry/c .gpu_carry/src: JOBS="default zero" benchmarks/gpu_recipes.sh
+# .gpu_carry/{a,b,c} hold the pieces of SmolLM2-135M-Instruct.Q4_1.gguf (split -b 34000000 -d: gg.part00-02) and
+# wheels (reasoning-gym's dependencies); .gpu_carry/src sdists with no wheel (pycosat), built there; .whl the other
+# wheels the image lacks (benchmarks/gpu_env.sh). LIMIT caps each run's seconds (its logs come back all the same);
+# ZERO_OVERRIDES are key=value for the zero run. Each run's logs (not its checkpoints) come back packed in
 # $OUT/logs-STAGE.tgz (few files may come back), its wall time in $OUT/times.txt.
 GGUF=/tmp/gg/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p /tmp/gg /tmp/runs
-if [ "$STAGE" = 1 ]; then  # the half alone: with the wheels it would not fit in one call
-  cp .gpu_carry/a/gg.part00 /tmp/gg/ && echo "part 0 in place"
+cp .gpu_carry/*/* /tmp/gg/ 2>/dev/null
+if [ "$STAGE" = carry ]; then
+  ls /tmp/gg
   exit 0
 fi
+STAGE=${STAGE:-run}
+export WHEELS=/tmp/gg
 source "$(dirname "$0")/gpu_env.sh"
 for sdist in .gpu_carry/src/*.tar.gz; do  # packages with no wheel (pycosat, for reasoning-gym), built there
-  [ -f "$sdist" ] && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site "$sdist"
+  [ -f "$sdist" ] && { python3 -m pip install -q --no-deps --no-build-isolation "$sdist" 2>/dev/null ||
+    python3 -m pip install -q --no-deps --no-build-isolation --break-system-packages "$sdist"; }
 done
-if [ ! -f "$GGUF" ]; then
-  cp .gpu_carry/b/gg.part01 /tmp/gg/ && cat /tmp/gg/gg.part00 /tmp/gg/gg.part01 > "$GGUF" || exit 1
-fi
+[ -f "$GGUF" ] || cat /tmp/gg/gg.part* > "$GGUF" || exit 1
 md5sum "$GGUF"
 python3 -c "from rlreason.models import cached_gguf; print(cached_gguf('$GGUF'))"  # converted once, before any timing
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -84,6 +84,23 @@ def train_flops(model_dir: Path, prompt_lengths: list[int], completion_length: i
     return 6 * body * sum(lengths) + 6 * head * completion_length * len(lengths) + attention
 
 
+def decode_floor_s(model_dir: Path, prompt_lengths: list[int], completion_length: int, group: int, bandwidth: float) -> float:
+    """The bandwidth floor of generating the batch: every decode step reads the bf16 weights once and the KV cache
+    it must (each prompt's once, each row's own tokens), at the measured copy bandwidth."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads or c.num_attention_heads
+    layer = c.hidden_size * (c.num_attention_heads * head_dim * 2 + 2 * kv * head_dim) + 3 * c.hidden_size * c.intermediate_size
+    heads = 1 if getattr(c, "tie_word_embeddings", False) else 2
+    weight_bytes = 2 * (c.num_hidden_layers * layer + heads * c.vocab_size * c.hidden_size)
+    kv_token_bytes = 2 * c.num_hidden_layers * kv * head_dim * 2
+    rows = len(prompt_lengths) * group
+    per_step = [weight_bytes + kv_token_bytes * (sum(prompt_lengths) + rows * t) for t in range(completion_length)]
+    return sum(per_step) / bandwidth
+
+
 def require_updates(side: str, bad: int, steps: int) -> None:
     """Refuse to time steps whose update was skipped or non-finite: such a step leaves out work (the optimizer)
     and is no training step."""
@@ -401,6 +418,17 @@ def main() -> None:
     if cuda:
         print(f"ceilings measured here: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s; "
               f"train FLOPs per step {flops / 1e12:.1f} TFLOP")
+        generation = decode_floor_s(model_dir, prompt_lengths, args.max_new_tokens, args.group, bandwidth)
+        training = flops / peak
+        floor = generation + training
+        print(f"\nfloor: generation {generation / args.max_new_tokens * 1e3:.3f} ms x {args.max_new_tokens} tokens + "
+              f"training {flops / 1e12:.1f} TFLOP at {peak / 1e12:.0f} TFLOP/s = {floor:.3f} s/step")
+        print("| side | step (s) | floor (s) | step / floor | generate / its floor | train / its floor |")
+        print("|---|---|---|---|---|---|")
+        for r in results:
+            r["floor"] = {"step_s": floor, "generate_s": generation, "train_s": training}
+            print(f"| {r['side']} | {r['step_s']:.2f} | {floor:.2f} | {r['step_s'] / floor:.1f}x | "
+                  f"{r['generate_s'] / generation:.1f}x | {r['optimize_s'] / training:.1f}x |")
     if len(results) == 2:
         print(f"ratio (rlreason / TRL tokens per s): {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x")
     if args.json:

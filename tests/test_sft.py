@@ -9,7 +9,15 @@ from conftest import make_tiny_model
 
 from rlreason.config import SFTConfig
 from rlreason.models import load_model, load_tokenizer
-from rlreason.training.sft import IGNORE, collate, encode_conversation, load_chat_jsonl, pack_rows, run_sft
+from rlreason.training.sft import (
+    IGNORE,
+    collate,
+    encode_conversation,
+    load_chat_jsonl,
+    pack_rows,
+    run_sft,
+    supervised_loss,
+)
 from tasks.prompts import chat
 
 
@@ -62,3 +70,24 @@ def test_packed_loss_equals_padded_loss(tmp_path, arch):
         leaky_loss = model(**leaky, use_cache=False).loss  # one long sequence per row: conversations see each other
     assert torch.allclose(packed_loss, padded_loss, rtol=0, atol=1e-5)
     assert not torch.allclose(leaky_loss, padded_loss, rtol=0, atol=1e-4), "the check must be able to fail"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("pack", [False, True])
+def test_lean_supervised_loss_equals_the_models_own(tmp_path, arch, pack):
+    """The head only where a label is predicted: the same loss and gradients as the model's full-logits loss."""
+    model_dir = make_tiny_model(tmp_path, arch)
+    tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
+    conversations = [[*chat(f"{a}+{7 * a}?"), {"role": "assistant", "content": "y" * a * a + f"<answer>{8 * a}</answer>"}] for a in range(1, 6)]
+    inputs = collate([encode_conversation(tokenizer, m) for m in conversations], tokenizer.pad_token_id, 0 if pack else None)
+    losses, grads = [], []
+    for compute in (supervised_loss, lambda m, x: m(**x, use_cache=False).loss):
+        model.zero_grad()
+        loss = compute(model, inputs)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(losses[0], losses[1], rtol=0, atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    shifted = {**inputs, "labels": torch.roll(inputs["labels"], 1, dims=1)}
+    assert not torch.allclose(supervised_loss(model, shifted), losses[1], rtol=0, atol=1e-3), "the check must be able to fail"

@@ -17,8 +17,9 @@ Same interface and, for the same seeds, the same completions as ``HFEngine`` (th
 - finished rows stop costing: the loop ends when every row has ended, and when half of the rows have ended the
   live ones are compacted into a batch half as large (each row then holds its own copy of its prompt's cache).
 
-It computes the model itself from the module's weights (no ``model.forward``); on CUDA it keeps its own copy of the
-weights in the compute dtype, with q/k/v and gate/up fused, refreshed from the model at every ``generate``.
+It computes the model itself from the module's weights (no ``model.forward``); on CUDA (and wherever it computes in
+another dtype than the model's, such as bf16 on a float32 model's CPU) it keeps its own copy of the weights in the
+compute dtype, with q/k/v and gate/up fused, refreshed from the model at every ``generate``.
 Left out: sliding-window attention beyond the window, dynamic RoPE scaling, other architectures (use "hf").
 """
 
@@ -114,7 +115,9 @@ class FastEngine:
         # freed after it, so no second full copy stays resident between steps
         sharded = is_sharded(model)
         self.release_memory = (triton and self.cuda_graphs or sharded) if release_memory is None else release_memory
-        own = (cuda or sharded) if own_weights is None else own_weights
+        # a compute dtype other than the weights' (bf16 on a float32 model's CPU): one cast per call, not per matmul
+        recast = self.dtype != next(model.parameters()).dtype
+        own = (cuda or sharded or recast) if own_weights is None else own_weights
         self.weights = EngineWeights(model, self.dtype, own=own or triton, fold_norms=triton)
         self.weight_bytes = self.weights.nbytes()
         self._ws: Workspace | None = None

@@ -254,6 +254,31 @@ def logprobs_from_inputs(
     return _scatter(lp, inputs), _scatter(ent, inputs)
 
 
+def labelled_logprobs(
+    model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None, ignore: int = -100
+) -> torch.Tensor | None:
+    """log p(labels[r, c] | input_ids[r, :c]) of every label that is not ``ignore`` (row-major, [T]): the supervised
+    loss's terms, with the head run only on the positions that predict a label (a cold start's rows are mostly
+    prompt). Rows are right-padded, or packed with ``position_ids`` restarting at each sequence, which keeps
+    attention inside it. None for models whose logits are more than a Linear head (their own loss is exact)."""
+    inner = causal_lm(getattr(model, "module", model))
+    base = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if base is None or not isinstance(head, torch.nn.Linear) or _scales_logits(inner.config):
+        return None
+    rows, cols = (labels[:, 1:] != ignore).nonzero(as_tuple=True)
+    implementation = getattr(inner.config, "_attn_implementation", "sdpa")
+    if position_ids is None and implementation == "sdpa" and _causal_only(inner.config):
+        implementation = CAUSAL_ATTENTION  # right padding follows every real token: causal attention alone is exact
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    with _attention(inner.config, implementation):
+        hidden, autocast = _final_hidden(model, base, input_ids=input_ids, position_ids=position_ids)
+    with torch.autocast(hidden.device.type, dtype=autocast[1], enabled=autocast[0]):
+        lp, _ = _head_logprobs(hidden[rows, cols], head.weight, head.bias, labels[rows, cols + 1], 1.0, False)
+    return lp
+
+
 def padded_causal_mask(mask: torch.Tensor, additive: bool = False) -> torch.Tensor:
     """[N, 1, L, L] attention mask of rows whose 2-d ``mask`` [N, L] pads them: causal over real keys, and each
     padding query attends itself. Without that, a left-padding query has no key at all; some kernels (SDPA compiled

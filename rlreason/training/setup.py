@@ -42,6 +42,12 @@ def make_accelerator(config: Config) -> Accelerator:
     return accelerator
 
 
+def adamw(params: list[torch.nn.Parameter], device: torch.device, **options: Any) -> torch.optim.AdamW:
+    """AdamW, fused on CUDA and CPU devices: the update in one pass over each tensor instead of a dozen foreach
+    kernels, which on a small model's CPU step is a visible share of the step."""
+    return torch.optim.AdamW(params, fused=True if device.type in ("cuda", "cpu") else None, **options)
+
+
 @dataclass(frozen=True)
 class TrainingData:
     rewards: Any
@@ -90,11 +96,11 @@ def load_training_models(config: Config, accelerator: Accelerator, with_referenc
     if tr.compile:
         compile_decoder(causal_lm(model), mode="reduce-overhead" if tr.cuda_graphs else None)
         head_math = compiled_head_math()
-    # fused on CUDA: the update in one multi-tensor kernel instead of a dozen foreach ones. The model is still on
-    # the CPU here; accelerate moves it below, before the first step, which is when AdamW checks the devices.
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=tr.learning_rate, betas=tuple(tr.adam_betas), weight_decay=tr.weight_decay,
-        fused=True if accelerator.device.type == "cuda" else None,
+    # The model is still on the CPU here; accelerate moves it below, before the first step, which is when AdamW
+    # checks the devices.
+    optimizer = adamw(
+        [p for p in model.parameters() if p.requires_grad], accelerator.device,
+        lr=tr.learning_rate, betas=tuple(tr.adam_betas), weight_decay=tr.weight_decay,
     )
     # Not prepared by accelerate: its wrapper steps once per process, which would shorten warm-up.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (tr.warmup_steps + 1)))

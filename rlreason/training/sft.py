@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from rlreason.data import PromptStream
+from rlreason.training.logprobs import labelled_logprobs
+from rlreason.training.setup import adamw
 from tasks.environments import Environment, step_all
 from tasks.prompts import render
 
@@ -184,6 +186,15 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, pack_lengt
     return _collate(examples, pad_id) if pack_length is None else _collate_packed(examples, pack_length, pad_id)
 
 
+def supervised_loss(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean negative log-likelihood of the labels (the model's own loss), computed the lean way: the head only
+    where a label is predicted (``labelled_logprobs``)."""
+    logprobs = labelled_logprobs(model, inputs["input_ids"], inputs["labels"], inputs.get("position_ids"), IGNORE)
+    if logprobs is None:
+        return model(**inputs, use_cache=False).loss
+    return -logprobs.mean()
+
+
 def run_sft(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -196,7 +207,7 @@ def run_sft(
     """``config.steps`` AdamW steps of ``config.batch_size`` conversations (packed when ``config.pack``);
     returns the loss per step."""
     examples = [encode_conversation(tokenizer, m) for m in conversations]
-    optimizer = accelerator.prepare(torch.optim.AdamW(model.parameters(), lr=config.learning_rate))
+    optimizer = accelerator.prepare(adamw(list(model.parameters()), accelerator.device, lr=config.learning_rate))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (config.warmup_steps + 1)))
     stream = PromptStream(len(examples), seed)
     model.train()
@@ -205,7 +216,7 @@ def run_sft(
     for _ in bar:
         chosen = [examples[i] for i in stream.take(config.batch_size)]
         inputs = collate(chosen, tokenizer.pad_token_id, config.pack_length if config.pack else None)
-        loss = model(**{k: v.to(accelerator.device) for k, v in inputs.items()}, use_cache=False).loss
+        loss = supervised_loss(model, {k: v.to(accelerator.device) for k, v in inputs.items()})
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
