@@ -62,11 +62,26 @@ def peak_reserved_gb() -> float:
     return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def ceilings() -> tuple[float, float]:
-    """(device-to-device copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured here."""
-    from benchmarks.gpu_checks import ceilings as measure
+def ceilings(dtype: torch.dtype) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, matmul FLOP/s), measured here: on a GPU in bf16, on the
+    CPU in the dtype training computes in (``dtype``), with its threads."""
+    if torch.cuda.is_available():
+        from benchmarks.gpu_checks import ceilings as measure
 
-    return measure()
+        return measure()
+    x, a, b = torch.randn(2**26), torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    y = torch.empty_like(x)
+
+    def best_s(fn, reps: int) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return 2 * x.numel() * 4 / best_s(lambda: y.copy_(x), 5), 2 * 2048**3 / best_s(lambda: a @ b, 5)
 
 
 def train_flops(model_dir: Path, prompt_lengths: list[int], completion_length: int, group: int) -> float:
@@ -84,9 +99,9 @@ def train_flops(model_dir: Path, prompt_lengths: list[int], completion_length: i
     return 6 * body * sum(lengths) + 6 * head * completion_length * len(lengths) + attention
 
 
-def decode_floor_s(model_dir: Path, prompt_lengths: list[int], completion_length: int, group: int, bandwidth: float) -> float:
-    """The bandwidth floor of generating the batch: every decode step reads the bf16 weights once and the KV cache
-    it must (each prompt's once, each row's own tokens), at the measured copy bandwidth."""
+def decode_bytes(model_dir: Path, prompt_lengths: list[int], completion_length: int, group: int) -> float:
+    """The fewest bytes generating the batch must read: every decode step reads the bf16 weights once and the KV
+    cache it must (each prompt's once, each row's own tokens); over the copy bandwidth, generation's floor."""
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(model_dir)
@@ -97,8 +112,7 @@ def decode_floor_s(model_dir: Path, prompt_lengths: list[int], completion_length
     weight_bytes = 2 * (c.num_hidden_layers * layer + heads * c.vocab_size * c.hidden_size)
     kv_token_bytes = 2 * c.num_hidden_layers * kv * head_dim * 2
     rows = len(prompt_lengths) * group
-    per_step = [weight_bytes + kv_token_bytes * (sum(prompt_lengths) + rows * t) for t in range(completion_length)]
-    return sum(per_step) / bandwidth
+    return sum(weight_bytes + kv_token_bytes * (sum(prompt_lengths) + rows * t) for t in range(completion_length))
 
 
 def require_updates(side: str, bad: int, steps: int) -> None:
@@ -386,6 +400,7 @@ def main() -> None:
         model_dir = workload.build_model(args.model, work / "model", tokenizer, getattr(torch, args.dtype))
         prompt_lengths = [len(tokenizer(render(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]) for r in rows[: args.prompts]]
         flops = train_flops(model_dir, prompt_lengths, args.max_new_tokens, args.group)
+        read_bytes = decode_bytes(model_dir, prompt_lengths, args.max_new_tokens, args.group)
         for side in args.sides.split(","):
             torch.manual_seed(0)
             run = run_rlreason if side == "rlreason" else run_trl
@@ -393,7 +408,7 @@ def main() -> None:
             r = results[-1]
             print(f"  {r['side']}: step {r['step_s']:.3f} s  ({', '.join(f'{t:.3f}' for t in r['times'])})", flush=True)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    bandwidth, peak = ceilings() if cuda else (float("nan"), float("nan"))
+    bandwidth, peak = ceilings(torch.bfloat16 if args.bf16 else torch.float32)
     print(f"\n{args.model}{f'  LoRA r={args.lora}' if args.lora else ''}  P={args.prompts} G={args.group} L={args.max_new_tokens}  micro-batch {args.micro_batch}  "
           f"{args.dtype}  on {device}")
     print("| side | step (s) | completion tok/s | generate (s) | train (s) | train MFU | peak mem (GiB) | peak reserved (GiB) |")
@@ -411,24 +426,23 @@ def main() -> None:
             r["decode"] = {"ms_per_step": per_step * 1e3, "floor_ms": floor * 1e3, "prefill_s": e["prefill_s"]}
             print(f"{r['side']}: decode {per_step * 1e3:.2f} ms/step ({e['rows']} rows), bandwidth floor {floor * 1e3:.3f} ms "
                   f"(weights {e['weight_bytes'] / 1e9:.2f} GB + KV {e['kv_bytes_per_step'] / 1e9:.2f} GB per step at "
-                  f"{bandwidth / 1e12:.2f} TB/s): {per_step / floor:.1f}x the floor; prefill {e['prefill_s'] * 1e3:.0f} ms; "
+                  f"{bandwidth / 1e9:.0f} GB/s): {per_step / floor:.1f}x the floor; prefill {e['prefill_s'] * 1e3:.0f} ms; "
                   f"graph capture {e.get('capture_s', 0) * 1e3:.0f} ms; kernels {e.get('kernels')}")
         elif "TRL" in r["side"]:
             print(f"{r['side']}: generate {r['generate_s'] / args.max_new_tokens * 1e3:.2f} ms per token position (prefill included)")
-    if cuda:
-        print(f"ceilings measured here: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s; "
-              f"train FLOPs per step {flops / 1e12:.1f} TFLOP")
-        generation = decode_floor_s(model_dir, prompt_lengths, args.max_new_tokens, args.group, bandwidth)
-        training = flops / peak
-        floor = generation + training
-        print(f"\nfloor: generation {generation / args.max_new_tokens * 1e3:.3f} ms x {args.max_new_tokens} tokens + "
-              f"training {flops / 1e12:.1f} TFLOP at {peak / 1e12:.0f} TFLOP/s = {floor:.3f} s/step")
-        print("| side | step (s) | floor (s) | step / floor | generate / its floor | train / its floor |")
-        print("|---|---|---|---|---|---|")
-        for r in results:
-            r["floor"] = {"step_s": floor, "generate_s": generation, "train_s": training}
-            print(f"| {r['side']} | {r['step_s']:.2f} | {floor:.2f} | {r['step_s'] / floor:.1f}x | "
-                  f"{r['generate_s'] / generation:.1f}x | {r['optimize_s'] / training:.1f}x |")
+    matmul = "bf16" if args.bf16 else "float32"
+    print(f"ceilings measured here: copy {bandwidth / 1e9:.1f} GB/s, {matmul} matmul {peak / 1e12:.2f} TFLOP/s; "
+          f"train FLOPs per step {flops / 1e12:.2f} TFLOP")
+    generation, training = read_bytes / bandwidth, flops / peak
+    floor = generation + training
+    print(f"\nfloor: generation {generation / args.max_new_tokens * 1e3:.3f} ms x {args.max_new_tokens} tokens + "
+          f"training {flops / 1e12:.2f} TFLOP at {peak / 1e12:.2f} TFLOP/s = {floor:.3f} s/step")
+    print("| side | step (s) | floor (s) | step / floor | generate / its floor | train / its floor |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        r["floor"] = {"step_s": floor, "generate_s": generation, "train_s": training}
+        print(f"| {r['side']} | {r['step_s']:.2f} | {floor:.2f} | {r['step_s'] / floor:.1f}x | "
+              f"{r['generate_s'] / generation:.1f}x | {r['optimize_s'] / training:.1f}x |")
     if len(results) == 2:
         print(f"ratio (rlreason / TRL tokens per s): {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x")
     if args.json:
