@@ -80,6 +80,18 @@ def test_greedy_equals_reference(model_and_tokenizer):
     _same(folded.generate(_prompts(tokenizer), 2, params), reference)
 
 
+def test_bf16_on_a_float32_model_computes_from_its_own_copies(llama):
+    """Computing in bf16 on a float32 model (the CPU's bf16 path) keeps bf16 copies, cast once a call rather than
+    at every matrix product: the same tokens as casting the model's own weights each time."""
+    model, tokenizer = llama
+    params = SamplingParams(max_new_tokens=16, greedy=True)
+    engine = FastEngine(model, tokenizer, dtype=torch.bfloat16)
+    assert engine.weights.own and engine.weights.layers[0]["o"][0].dtype == torch.bfloat16
+    per_matmul = FastEngine(model, tokenizer, dtype=torch.bfloat16, own_weights=False)
+    assert not per_matmul.weights.own
+    _same(engine.generate(_prompts(tokenizer), 2, params), per_matmul.generate(_prompts(tokenizer), 2, params))
+
+
 @pytest.mark.parametrize("filters", [{}, {"top_k": 5, "top_p": 0.9, "temperature": 0.7}])
 def test_seeded_sampling_equals_reference(llama, filters):
     """With the same completion seeds, both engines draw the same tokens (rlreason.rollout.sampling)."""
