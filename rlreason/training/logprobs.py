@@ -223,16 +223,25 @@ def compiled_head_math(backend: str = "inductor") -> HeadMath:
     )
 
 
+def _lean_parts(model) -> tuple[PreTrainedModel, torch.nn.Module | None, torch.nn.Linear | None]:
+    """The causal LM under DDP / accelerate / peft wrappers (calls still go through ``model``), its decoder and its
+    head; decoder and head None when its logits are more than a Linear head of the decoder's output (soft-capping,
+    scaling), which the lean paths cannot compute."""
+    inner = causal_lm(getattr(model, "module", model))
+    base = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if base is None or not isinstance(head, torch.nn.Linear) or _scales_logits(inner.config):
+        return inner, None, None
+    return inner, base, head
+
+
 def logprobs_from_inputs(
     model: PreTrainedModel, inputs: LogprobInputs, temperature: float = 1.0, entropy_grad: bool = False, head_math: HeadMath = EAGER_HEAD
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``completion_logprobs`` of inputs from ``logprob_inputs``, already on the model's device; ``head_math``:
     ``compiled_head_math()`` under train.compile."""
-    # DDP / accelerate / peft wrappers; the call itself goes through ``model``
-    inner = causal_lm(getattr(model, "module", model))
-    base = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if base is None or not isinstance(head, torch.nn.Linear) or _scales_logits(inner.config):
+    inner, base, head = _lean_parts(model)
+    if head is None:
         if inputs.packed:
             raise ValueError(f"train.packing / train.shared_prompt: not supported for {type(inner).__name__}")
         return _full_logits_path(model, inputs, temperature, entropy_grad)
@@ -261,10 +270,8 @@ def labelled_logprobs(
     loss's terms, with the head run only on the positions that predict a label (a cold start's rows are mostly
     prompt). Rows are right-padded, or packed with ``position_ids`` restarting at each sequence, which keeps
     attention inside it. None for models whose logits are more than a Linear head (their own loss is exact)."""
-    inner = causal_lm(getattr(model, "module", model))
-    base = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if base is None or not isinstance(head, torch.nn.Linear) or _scales_logits(inner.config):
+    inner, base, head = _lean_parts(model)
+    if head is None:
         return None
     rows, cols = (labels[:, 1:] != ignore).nonzero(as_tuple=True)
     implementation = getattr(inner.config, "_attn_implementation", "sdpa")
