@@ -11,7 +11,7 @@ from conftest import build_char_tokenizer, tiny_config
 from rlreason.models import load_model, load_tokenizer
 from rlreason.rollout.engine import HFEngine, SamplingParams
 from rlreason.rollout.fast import FastEngine, unsupported_reason
-from rlreason.rollout.fast_weights import EngineWeights
+from rlreason.rollout.fast_weights import EngineWeights, onednn_packs
 from rlreason.training.logprobs import completion_logprobs
 
 LOGPROB_ATOL = 1e-4
@@ -90,6 +90,35 @@ def test_bf16_on_a_float32_model_computes_from_its_own_copies(llama):
     per_matmul = FastEngine(model, tokenizer, dtype=torch.bfloat16, own_weights=False)
     assert not per_matmul.weights.own
     _same(engine.generate(_prompts(tokenizer), 2, params), per_matmul.generate(_prompts(tokenizer), 2, params))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_products_read_weights_packed_at_every_call(llama, dtype):
+    """On the CPU every projection is multiplied from a oneDNN-packed copy, packed again at each generate: the tokens
+    and log-probs of plain products, also after the model's weights change between calls (stale packs would not)."""
+    model, tokenizer = llama
+    assert onednn_packs(torch.device("cpu"), dtype)
+    packed = FastEngine(model, tokenizer, dtype=dtype)
+    plain = FastEngine(model, tokenizer, dtype=dtype)
+    plain.weights = EngineWeights(model, dtype, own=packed.weights.own, pack=False)
+    # each layer's qkv, o, gate_up and down in the engine's own copies (else q, k, v, o, gate, up, down), and the head
+    projections = (4 if packed.weights.own else 7) * len(model.model.layers) + 1
+    params, seeds = SamplingParams(max_new_tokens=12, temperature=0.9), list(range(6))
+    original = [p.detach().clone() for p in model.parameters()]
+    try:
+        for _ in range(2):
+            ours, theirs = (e.generate(_prompts(tokenizer), 2, params, seeds=seeds) for e in (packed, plain))
+            assert len(packed.weights._packed) == projections and not plain.weights._packed
+            _same(ours, theirs)
+            torch.testing.assert_close(ours.logprobs, theirs.logprobs, atol=1e-5, rtol=0)  # float32: another summation order
+            with torch.no_grad():  # an optimizer step's worth of change
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        assert ours.texts != FastEngine(model, tokenizer, dtype=dtype).generate(_prompts(tokenizer), 2, params, seeds=seeds).texts
+    finally:
+        with torch.no_grad():
+            for p, before in zip(model.parameters(), original, strict=True):
+                p.copy_(before)
 
 
 @pytest.mark.parametrize("filters", [{}, {"top_k": 5, "top_p": 0.9, "temperature": 0.7}])

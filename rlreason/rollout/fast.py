@@ -44,7 +44,7 @@ from rlreason.rollout.engine import (
 from rlreason.rollout.fast_graphs import StepRunner
 from rlreason.rollout.fast_ops import TorchOps
 from rlreason.rollout.fast_triton_step import TritonStep
-from rlreason.rollout.fast_weights import EngineWeights, is_sharded
+from rlreason.rollout.fast_weights import EngineWeights, is_sharded, onednn_packs
 from rlreason.rollout.fast_workspace import ModelDims, StepShape, Workspace, round_up
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -118,7 +118,8 @@ class FastEngine:
         # a compute dtype other than the weights' (bf16 on a float32 model's CPU): one cast per call, not per matmul
         recast = self.dtype != next(model.parameters()).dtype
         own = (cuda or sharded or recast) if own_weights is None else own_weights
-        self.weights = EngineWeights(model, self.dtype, own=own or triton, fold_norms=triton)
+        pack = onednn_packs(device, self.dtype) and not sharded
+        self.weights = EngineWeights(model, self.dtype, own=own or triton, fold_norms=triton, pack=pack)
         self.weight_bytes = self.weights.nbytes()
         self._ws: Workspace | None = None
         vocab = self.weights.lm_head[0].shape[0]

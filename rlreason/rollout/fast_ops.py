@@ -55,20 +55,22 @@ class TorchOps:
         normed = (normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.dims.eps)).to(x.dtype)
         return normed if weight is None else weight * normed
 
-    def project(self, h: torch.Tensor, layer: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, h: torch.Tensor, layer: dict, weights: EngineWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        linear = weights.linear
         if "qkv" in layer:
             d = self.dims
             q_size, kv_size = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
-            return F.linear(h, *layer["qkv"]).split([q_size, kv_size, kv_size], dim=-1)
-        return F.linear(h, *layer["q"]), F.linear(h, *layer["k"]), F.linear(h, *layer["v"])
+            return linear(h, layer["qkv"]).split([q_size, kv_size, kv_size], dim=-1)
+        return linear(h, layer["q"]), linear(h, layer["k"]), linear(h, layer["v"])
 
     @staticmethod
-    def mlp(h: torch.Tensor, layer: dict) -> torch.Tensor:
+    def mlp(h: torch.Tensor, layer: dict, weights: EngineWeights) -> torch.Tensor:
+        linear = weights.linear
         if "gate_up" in layer:
-            gate, up = F.linear(h, *layer["gate_up"]).chunk(2, dim=-1)
+            gate, up = linear(h, layer["gate_up"]).chunk(2, dim=-1)
         else:
-            gate, up = F.linear(h, *layer["gate"]), F.linear(h, *layer["up"])
-        return F.linear(F.silu(gate) * up, *layer["down"])
+            gate, up = linear(h, layer["gate"]), linear(h, layer["up"])
+        return linear(F.silu(gate) * up, layer["down"])
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -99,7 +101,7 @@ class TorchOps:
         x = F.embedding(ids, weights.embed)
         for i, layer in enumerate(weights.layers):
             h = self.rms(x, layer["ln1"])
-            q, k, v = self.project(h, layer)
+            q, k, v = self.project(h, layer, weights)
             q = q.view(P, W, H, D).transpose(1, 2)
             k = k.view(P, W, Hkv, D).transpose(1, 2)
             v = v.view(P, W, Hkv, D).transpose(1, 2)
@@ -111,10 +113,10 @@ class TorchOps:
             if Hkv != H:
                 k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-            x = x + F.linear(attn.transpose(1, 2).reshape(P, W, H * D), *layer["o"])
-            x = x + self.mlp(self.rms(x, layer["ln2"]), layer)
+            x = x + weights.linear(attn.transpose(1, 2).reshape(P, W, H * D), layer["o"])
+            x = x + self.mlp(self.rms(x, layer["ln2"]), layer, weights)
         last = self.rms(x[:, -1], weights.norm)
-        return F.linear(last, *weights.lm_head).float()
+        return weights.linear(last, weights.lm_head).float()
 
     # ------------------------------------------------------------------ sampling
 
@@ -171,10 +173,10 @@ class TorchOps:
         for i, layer in enumerate(weights.layers):
             h = self.rms(x, layer["ln1"])
             if "qkv" in layer:  # q and k are neighbours in the fused projection: one RoPE for both
-                qkv = F.linear(h, *layer["qkv"])
+                qkv = weights.linear(h, layer["qkv"])
                 qk, v = qkv[:, : (H + Hkv) * D].view(R, H + Hkv, D), qkv[:, (H + Hkv) * D :].view(R, Hkv, D)
             else:
-                q, k, v = self.project(h, layer)
+                q, k, v = self.project(h, layer, weights)
                 qk, v = torch.cat([q.view(R, H, D), k.view(R, Hkv, D)], dim=1), v.view(R, Hkv, D)
             if layer["q_norm"] is not None:
                 qk = torch.cat([self.rms(qk[:, :H], layer["q_norm"]), self.rms(qk[:, H:], layer["k_norm"])], dim=1)
@@ -192,6 +194,6 @@ class TorchOps:
             p = torch.softmax(s, dim=-1).to(self.dtype)
             o = torch.bmm(p[..., :Wp].reshape(Pp * Hkv, G * rep, Wp), vp[i, :Pp].reshape(Pp * Hkv, Wp, D)).view(Pp, Hkv, G, rep, D)
             o = o + torch.bmm(p[..., Wp:].reshape(Pp * Hkv * G, rep, B), vc_i[..., :B, :].reshape(Pp * Hkv * G, B, D)).view(Pp, Hkv, G, rep, D)
-            x = x + F.linear(o.transpose(1, 2).reshape(R, H * D), *layer["o"])
-            x = x + self.mlp(self.rms(x, layer["ln2"]), layer)
-        self.record(ws, R, F.linear(self.rms(x, weights.norm), *weights.lm_head), sampling)
+            x = x + weights.linear(o.transpose(1, 2).reshape(R, H * D), layer["o"])
+            x = x + self.mlp(self.rms(x, layer["ln2"]), layer, weights)
+        self.record(ws, R, weights.linear(self.rms(x, weights.norm), weights.lm_head), sampling)

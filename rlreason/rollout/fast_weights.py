@@ -5,7 +5,11 @@ folded at every refresh, so decoding a LoRA policy costs what decoding the base 
 
 Under FSDP2 the model's parameters are DTensor shards: the engine keeps its own copies, and each refresh gathers
 every parameter once (``full_tensor``, base weight and adapter factors alike) straight into them, one layer at a
-time; the copies are freed after every generate (``drop``), so no full copy stays between steps."""
+time; the copies are freed after every generate (``drop``), so no full copy stays between steps.
+
+On the CPU every projection is also packed into oneDNN's blocked layout at each refresh (``linear``): a product with
+a plain weight pays for laying it out again at every call, which for a decode step's few rows costs as much as the
+product itself."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import sys
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
@@ -20,6 +25,18 @@ from transformers import PreTrainedModel
 def is_sharded(model: torch.nn.Module) -> bool:
     """The model's parameters are FSDP2 shards (DTensors): the engine must gather them into its own copies."""
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def onednn_packs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch can pack CPU weights for oneDNN (the ops inductor's CPU backend uses for frozen weights)."""
+    return (
+        device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+PACKED_FOR_ROWS = 32
+"""The row count oneDNN is told to expect when a weight is packed (any count works; a decode step's rows)."""
 
 
 def _full(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -42,20 +59,35 @@ class EngineWeights:
     a time, so the full weights exist only in them (freed by ``drop``) and in one layer's gathers.
     """
 
-    def __init__(self, model: PreTrainedModel, dtype: torch.dtype, own: bool, fold_norms: bool = False):
+    def __init__(self, model: PreTrainedModel, dtype: torch.dtype, own: bool, fold_norms: bool = False, pack: bool = False):
         if fold_norms and not own:
             raise ValueError("fold_norms needs the engine's own weight copies (own=True)")
         self.sharded = is_sharded(model)
         if self.sharded and not own:
             raise ValueError("a sharded (FSDP2) model needs the engine's own weight copies (own=True)")
-        self.model, self.dtype, self.own, self.fold_norms = model, dtype, own, fold_norms
+        self.model, self.dtype, self.own, self.fold_norms, self.pack = model, dtype, own, fold_norms, pack
         self.layers: list[dict] | None = None
+        self._packed: dict[int, torch.Tensor] = {}
         self.refresh()
+
+    def linear(self, x: torch.Tensor, weight_bias: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        """``F.linear(x, *weight_bias)``, through the weight's packed copy when there is one (``pack``)."""
+        weight, bias = weight_bias
+        packed = self._packed.get(id(weight))
+        if packed is None:
+            return F.linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    def _pack(self) -> None:
+        """Every projection (the layers' and the head) in oneDNN's layout, keyed by the tensor it copies."""
+        projections = [v for layer in self.layers for v in layer.values() if isinstance(v, tuple)] + [self.lm_head]
+        self._packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(w, PACKED_FOR_ROWS) for w, _ in projections}
 
     def drop(self) -> None:
         """Free the engine's own copies (the next refresh allocates them again)."""
         if self.own:
             self.layers = self.embed = self.norm = self.lm_head = None
+        self._packed = {}
 
     @staticmethod
     def _linear(module: torch.nn.Module, gather: bool = False, fold: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -132,10 +164,12 @@ class EngineWeights:
         src = self._source()
         if not self.own:
             self._point(src)
-            return
-        if self.layers is None:  # first call (or after drop): allocate the fused buffers
-            self._allocate(src)
-        self._copy(src)
+        else:
+            if self.layers is None:  # first call (or after drop): allocate the fused buffers
+                self._allocate(src)
+            self._copy(src)
+        if self.pack:
+            self._pack()
 
     def _point(self, src: dict[str, Any]) -> None:
         cast = (lambda t: t) if src["embed"].dtype == self.dtype else (lambda t: None if t is None else t.to(self.dtype))

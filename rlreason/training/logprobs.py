@@ -47,12 +47,10 @@ class SharedLayout:
 
     segment: torch.Tensor  # [R, C] of every column: -1 padding, 0 prompt, k + 1 the row's k-th completion
     prompt_mask: torch.Tensor  # [R, 1, Pw, Pw] bool: causal inside each row's prompt
-    segment_rows: torch.Tensor  # [S] the row of each segment
-    query_cols: torch.Tensor  # [S, Cw] a segment's columns (padding repeats its first)
-    key_cols: torch.Tensor  # [S, Pw + Cw] the prompt's columns, then the segment's
+    query_at: torch.Tensor  # [S, Cw] each segment's columns, as flat indices into [R * C] (padding repeats its first)
+    key_at: torch.Tensor  # [S, Pw + Cw] flat indices of its row's prompt columns, then its own
     segment_mask: torch.Tensor  # [S, 1, Cw, Pw + Cw] bool: the row's prompt, and the segment causally
-    out_rows: torch.Tensor  # [T] (row, column) of every real query, prompts first, then segments
-    out_cols: torch.Tensor
+    out_at: torch.Tensor  # [T] flat indices into [R * C] of every real query, prompts first, then segments
     prompt_take: torch.Tensor  # [Tp] flat indices into [R, Pw] of the real prompt queries
     segment_take: torch.Tensor  # [Ts] flat indices into [S, Cw] of the real segment queries
 
@@ -259,7 +257,7 @@ def logprobs_from_inputs(
     with _attention(inner.config, implementation):
         hidden, autocast = _final_hidden(model, base, input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=mask, **extra)
     with torch.autocast(hidden.device.type, dtype=autocast[1], enabled=autocast[0]):
-        lp, ent = _head_logprobs(hidden[inputs.hidden_rows, inputs.hidden_cols], head.weight, head.bias, inputs.targets, temperature, entropy_grad, head_math)
+        lp, ent = _head_logprobs(_at(hidden, inputs.hidden_rows, inputs.hidden_cols), head.weight, head.bias, inputs.targets, temperature, entropy_grad, head_math)
     return _scatter(lp, inputs), _scatter(ent, inputs)
 
 
@@ -282,7 +280,7 @@ def labelled_logprobs(
     with _attention(inner.config, implementation):
         hidden, autocast = _final_hidden(model, base, input_ids=input_ids, position_ids=position_ids)
     with torch.autocast(hidden.device.type, dtype=autocast[1], enabled=autocast[0]):
-        lp, _ = _head_logprobs(hidden[rows, cols], head.weight, head.bias, labels[rows, cols + 1], 1.0, False)
+        lp, _ = _head_logprobs(_at(hidden, rows, cols), head.weight, head.bias, labels[rows, cols + 1], 1.0, False)
     return lp
 
 
@@ -328,6 +326,12 @@ def _causal_only(config) -> bool:
         and getattr(config, "sliding_window", None) is None
         and getattr(config, "attention_chunk_size", None) is None
     )
+
+
+def _at(hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """hidden[rows, cols] of [N, L, H] as one gather along a single dimension (backward: one index_add, not the
+    accumulating index_put of advanced indexing, serial on the CPU)."""
+    return hidden.flatten(0, 1).index_select(0, rows * hidden.shape[1] + cols)
 
 
 def _scatter(values: torch.Tensor, inputs: LogprobInputs) -> torch.Tensor:
@@ -517,15 +521,16 @@ def _shared_layout(segment: torch.Tensor, prompts: list[int], segments: list[tup
     sees_own = (j <= j.unsqueeze(1)) & segment_valid.unsqueeze(1)
     p_rows, p_cols = prompt_valid.nonzero(as_tuple=True)
     s_idx, s_j = segment_valid.nonzero(as_tuple=True)
+    columns = segment.shape[1]
+    query_at = seg_rows.unsqueeze(1) * columns + query_cols
+    prompt_at = seg_rows.unsqueeze(1) * columns + k
     return SharedLayout(
         segment=segment,
         prompt_mask=(((k.unsqueeze(1) >= k) & prompt_valid.unsqueeze(1)) | torch.eye(pw, dtype=torch.bool)).unsqueeze(1),
-        segment_rows=seg_rows,
-        query_cols=query_cols,
-        key_cols=torch.cat([k.expand(len(seg_rows), -1), query_cols], dim=1),
+        query_at=query_at,
+        key_at=torch.cat([prompt_at, query_at], dim=1),
         segment_mask=torch.cat([sees_prompt, sees_own], dim=2).unsqueeze(1),
-        out_rows=torch.cat([p_rows, seg_rows[s_idx]]),
-        out_cols=torch.cat([p_cols, query_cols[s_idx, s_j]]),
+        out_at=torch.cat([p_rows * columns + p_cols, query_at[s_idx, s_j]]),
         prompt_take=prompt_valid.flatten().nonzero().squeeze(1),
         segment_take=segment_valid.flatten().nonzero().squeeze(1),
     )
@@ -538,27 +543,41 @@ def shared_prompt_attention(module, query, key, value, attention_mask, dropout: 
     if shared_layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     lay = shared_layout
-    rep = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, rep), repeat_kv(value, rep)
     batch, heads, length, dim = query.shape
+    scale = dim**-0.5 if scaling is None else scaling
     pw = lay.prompt_mask.shape[-1]
-    prompt = F.scaled_dot_product_attention(
-        query[:, :, :pw], key[:, :, :pw], value[:, :, :pw], attn_mask=lay.prompt_mask, dropout_p=dropout, scale=scaling
-    )
-
-    def pieces(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # [B, H, L, D] -> [S, H, len(cols), D]
-        return x[lay.segment_rows.unsqueeze(1), :, cols].transpose(1, 2)
-
-    own = F.scaled_dot_product_attention(
-        pieces(query, lay.query_cols), pieces(key, lay.key_cols), pieces(value, lay.key_cols),
-        attn_mask=lay.segment_mask, dropout_p=dropout, scale=scaling,
+    prompt = _attend(query[:, :, :pw], key[:, :, :pw], value[:, :, :pw], lay.prompt_mask, scale, dropout)
+    own = _attend(
+        _take(query, lay.query_at), _take(key, lay.key_at), _take(value, lay.key_at), lay.segment_mask, scale, dropout
     )
     values = torch.cat([
-        prompt.transpose(1, 2).reshape(-1, heads, dim)[lay.prompt_take],
-        own.transpose(1, 2).reshape(-1, heads, dim)[lay.segment_take],
+        prompt.transpose(1, 2).reshape(-1, heads * dim).index_select(0, lay.prompt_take),
+        own.transpose(1, 2).reshape(-1, heads * dim).index_select(0, lay.segment_take),
     ])
-    out = values.new_zeros(batch, length, heads, dim).index_put((lay.out_rows, lay.out_cols), values)
-    return out, None
+    out = values.new_zeros(batch * length, heads * dim).index_copy(0, lay.out_at, values)
+    return out.view(batch, length, heads, dim), None
+
+
+def _take(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] at the flat (row, column) indices ``at`` [S, n] -> [S, H, n, D]: one gather along a single
+    dimension, whose backward is one index_add (advanced indexing's is an accumulating index_put, serial on the CPU)."""
+    B, H, L, D = x.shape
+    return x.transpose(1, 2).reshape(B * L, H * D).index_select(0, at.flatten()).view(*at.shape, H, D).transpose(1, 2)
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scale: float, dropout: float) -> torch.Tensor:
+    """Attention of [S, H, n, D] queries over [S, Hkv, m, D] keys under a bool mask [S, 1, n, m]. On the CPU as plain
+    float32 products, each kv head's query heads stacked into one matrix: for these short sequences SDPA's CPU
+    kernels (flash attention's backward above all) run at a fraction of the products' rate. Elsewhere SDPA."""
+    S, H, n, D = query.shape
+    kv_heads = key.shape[1]
+    if query.device.type != "cpu" or dropout:
+        key, value = repeat_kv(key, H // kv_heads), repeat_kv(value, H // kv_heads)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scale)
+    stacked = query.reshape(S, kv_heads, H // kv_heads * n, D).float()
+    scores = (stacked @ key.float().transpose(-1, -2)).view(S, kv_heads, H // kv_heads, n, -1) * scale
+    probs = torch.softmax(scores.masked_fill(~allowed.unsqueeze(1), float("-inf")), dim=-1)
+    return (probs.view(S, kv_heads, -1, key.shape[2]) @ value.float()).view(S, H, n, D).to(query.dtype)
 
 
 AttentionInterface.register(SHARED_PROMPT_ATTENTION, shared_prompt_attention)
