@@ -164,11 +164,15 @@ def _spy_sdpa(monkeypatch):
 
 @pytest.mark.parametrize(("arch", "attention"), [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("deepseek_v3", "sdpa")])
 @pytest.mark.parametrize("left_padded", [False, True])
-def test_a_mask_only_for_left_padding(tmp_path, monkeypatch, arch, attention, left_padded):
+@pytest.mark.parametrize("cpu_products", [True, False])
+def test_a_mask_only_for_left_padding(tmp_path, monkeypatch, arch, attention, left_padded, cpu_products):
     """Rows whose prompts are not left-padded (completions right-padded, of uneven lengths) reach the model with no
-    attention mask, and under sdpa run SDPA's causal kernel with none; left-padded rows get a mask. Either way the
-    log-probs, entropies, loss and gradients are those of the explicit 2-d mask (the module's tolerances)."""
+    attention mask, and under sdpa run causally with none: on the CPU as float32 products, or (scores over
+    ``SCORES_BYTES``) SDPA's causal kernel; left-padded rows get a mask. Either way the log-probs, entropies, loss
+    and gradients are those of the explicit 2-d mask (the module's tolerances)."""
     monkeypatch.setattr(lp_module, "CHUNK_BYTES", 4 * 90 * 7)
+    if not cpu_products:
+        monkeypatch.setattr(lp_module, "SCORES_BYTES", 0)
     model = _tiny(tmp_path, arch)
     model.config._attn_implementation = attention
     batch = _batch(seed=4) if left_padded else _unpadded_prompts(seed=4)
@@ -179,8 +183,9 @@ def test_a_mask_only_for_left_padding(tmp_path, monkeypatch, arch, attention, le
     masks, sdpa = _spy_model_masks(model), _spy_sdpa(monkeypatch)
     lp, ent, loss, grads = _loss_and_grads(model, batch)
     assert [mask is not None for mask in masks] == [left_padded]
-    if attention == "sdpa":
-        assert len(sdpa) == 2 and all(call == (left_padded, not left_padded) for call in sdpa)  # both layers
+    if attention == "sdpa":  # both layers
+        kernel = [] if cpu_products and not left_padded else [(left_padded, not left_padded)] * 2
+        assert sdpa == kernel
     mask = batch[3].bool()
     torch.testing.assert_close(lp[mask], expected[0][mask], atol=1e-5, rtol=0)
     torch.testing.assert_close(ent[mask], expected[1][mask], atol=1e-5, rtol=0)
@@ -215,10 +220,12 @@ def test_sliding_window_layers_keep_the_mask_transformers_makes(tmp_path, monkey
     assert (causal - expected).abs().max() > 1e-3
 
 
-def test_compiled_decoder_runs_unmasked_rows_with_the_causal_kernel(tmp_path):
+def test_compiled_decoder_runs_unmasked_rows_with_the_causal_kernel(tmp_path, monkeypatch):
     """train.compile: transformers makes a 4-d mask for any sdpa call it compiles with no attention mask (it looks
     for packed sequences in the position ids), so rows that need none go through ``CAUSAL_ATTENTION``: the compiled
-    graph calls SDPA with is_causal and no mask, and a left-padded batch with a mask; the log-probs are the eager ones."""
+    graph calls SDPA with is_causal and no mask, and a left-padded batch with a mask; the log-probs are the eager ones.
+    (As on a GPU: the CPU's plain products are left out by ``SCORES_BYTES``.)"""
+    monkeypatch.setattr(lp_module, "SCORES_BYTES", 0)
     calls = []
 
     def backend(gm, example_inputs):

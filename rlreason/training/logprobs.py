@@ -32,9 +32,12 @@ SHARED_PROMPT_ATTENTION = "rlreason_shared_prompt"
 
 CAUSAL_ATTENTION = "rlreason_causal"
 """sdpa under a name transformers builds no mask for (registered below), for rows that need causal attention only:
-given no mask, SDPA runs its causal kernels (``is_causal``). Under "sdpa" itself transformers makes a 4-d mask
+given no mask, SDPA runs its causal kernels (``is_causal``), and the CPU plain products (``causal_attention``). Under "sdpa" itself transformers makes a 4-d mask
 whenever it reads the position ids as packed sequences, which is always while the decoder is compiled
 (train.compile) and, eagerly, whenever right padding repeats a row's last position."""
+
+SCORES_BYTES = 1 << 26
+"""The most float32 attention scores (64 MiB a layer) the CPU attention computes as plain products (``_attend``)."""
 
 CHUNK_BYTES = 1 << 26
 """Float32 logits per chunk of the vocabulary projection (64 MiB): tokens per chunk = CHUNK_BYTES / (4 x vocab)."""
@@ -566,22 +569,40 @@ def _take(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scale: float, dropout: float) -> torch.Tensor:
-    """Attention of [S, H, n, D] queries over [S, Hkv, m, D] keys under a bool mask [S, 1, n, m]. On the CPU as plain
-    float32 products, each kv head's query heads stacked into one matrix: for these short sequences SDPA's CPU
-    kernels (flash attention's backward above all) run at a fraction of the products' rate. Elsewhere SDPA."""
+    """Attention of [S, H, n, D] queries over [S, Hkv, m, D] keys under a bool mask [S or 1, 1, n, m]. On the CPU as
+    plain float32 products, each kv head's query heads stacked into one matrix: for short sequences SDPA's CPU
+    kernels (flash attention's backward above all) run at a fraction of the products' rate. Elsewhere, and where
+    the float32 scores would exceed ``SCORES_BYTES`` (they are kept for the backward pass), SDPA."""
     S, H, n, D = query.shape
-    kv_heads = key.shape[1]
-    if query.device.type != "cpu" or dropout:
+    kv_heads, m = key.shape[1], key.shape[2]
+    if dropout or not _as_cpu_products(query, m):
         key, value = repeat_kv(key, H // kv_heads), repeat_kv(value, H // kv_heads)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scale)
     stacked = query.reshape(S, kv_heads, H // kv_heads * n, D).float()
-    scores = (stacked @ key.float().transpose(-1, -2)).view(S, kv_heads, H // kv_heads, n, -1) * scale
+    scores = (stacked @ key.float().transpose(-1, -2)).view(S, kv_heads, H // kv_heads, n, m) * scale
     probs = torch.softmax(scores.masked_fill(~allowed.unsqueeze(1), float("-inf")), dim=-1)
-    return (probs.view(S, kv_heads, -1, key.shape[2]) @ value.float()).view(S, H, n, D).to(query.dtype)
+    return (probs.view(S, kv_heads, -1, m) @ value.float()).view(S, H, n, D).to(query.dtype)
+
+
+def _as_cpu_products(query: torch.Tensor, keys: int) -> bool:
+    """Whether attention of ``query`` [S, H, n, D] over ``keys`` keys runs as plain products (``_attend``)."""
+    S, H, n, _ = query.shape
+    return query.device.type == "cpu" and 4 * S * H * n * keys <= SCORES_BYTES
+
+
+def causal_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """``CAUSAL_ATTENTION``: sdpa with its causal kernels, or on the CPU (small enough, see ``_attend``) the same
+    attention as float32 products under a causal mask."""
+    n, m = query.shape[2], key.shape[2]
+    if attention_mask is not None or dropout or n != m or n == 1 or not _as_cpu_products(query, m):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril().view(1, 1, n, n)
+    out = _attend(query, key, value, causal, query.shape[-1] ** -0.5 if scaling is None else scaling, dropout)
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(SHARED_PROMPT_ATTENTION, shared_prompt_attention)
-AttentionInterface.register(CAUSAL_ATTENTION, sdpa_attention_forward)
+AttentionInterface.register(CAUSAL_ATTENTION, causal_attention)
 
 
 @contextlib.contextmanager
