@@ -118,7 +118,7 @@ class FastEngine:
         # a compute dtype other than the weights' (bf16 on a float32 model's CPU): one cast per call, not per matmul
         recast = self.dtype != next(model.parameters()).dtype
         own = (cuda or sharded or recast) if own_weights is None else own_weights
-        pack = onednn_packs(device, self.dtype) and not sharded
+        pack = onednn_packs(device, self.dtype) and not sharded  # sharded: packs would be a second full copy
         self.weights = EngineWeights(model, self.dtype, own=own or triton, fold_norms=triton, pack=pack)
         self.weight_bytes = self.weights.nbytes()
         self._ws: Workspace | None = None

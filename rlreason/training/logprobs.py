@@ -31,10 +31,11 @@ SHARED_PROMPT_ATTENTION = "rlreason_shared_prompt"
 """The attention function shared-prompt rows use with sdpa models: registered with transformers below."""
 
 CAUSAL_ATTENTION = "rlreason_causal"
-"""sdpa under a name transformers builds no mask for (registered below), for rows that need causal attention only:
-given no mask, SDPA runs its causal kernels (``is_causal``), and the CPU plain products (``causal_attention``). Under "sdpa" itself transformers makes a 4-d mask
-whenever it reads the position ids as packed sequences, which is always while the decoder is compiled
-(train.compile) and, eagerly, whenever right padding repeats a row's last position."""
+"""Attention under a name transformers builds no mask for (registered below), for rows that need causal attention
+only: given no mask, SDPA runs its causal kernels (``is_causal``), or the CPU plain products (``causal_attention``).
+Under "sdpa" itself transformers makes a 4-d mask whenever it reads the position ids as packed sequences, which is
+always while the decoder is compiled (train.compile) and, eagerly, whenever right padding repeats a row's last
+position."""
 
 SCORES_BYTES = 1 << 26
 """The most float32 attention scores (64 MiB a layer) the CPU attention computes as plain products (``_attend``)."""
