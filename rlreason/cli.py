@@ -33,7 +33,10 @@ def _config_from(target: str, overrides: list[str]) -> tuple[Config, Path | None
 def cmd_train(args: argparse.Namespace) -> int:
     """Ctrl-C ends it with exit code 130 and one line on how to go on; every log line and checkpoint written before
     is kept whole (checkpoints are renamed into place only once complete)."""
+    from rlreason.training import interrupt
+
     config = None
+    interrupt.install()
     try:
         config = load_config(args.config, args.overrides)
         return _train(config, args.resume)

@@ -58,3 +58,27 @@ def test_inspect_into_a_reader_that_closes_early_exits_quietly(tmp_path):
     process.stdout.close()  # as `| head -1` does
     err = process.stderr.read()
     assert process.wait(timeout=60) == 141 and err == "", err
+
+
+def test_a_ctrl_c_whose_keyboard_interrupt_is_dropped_still_ends_the_run(tmp_path):
+    """A KeyboardInterrupt raised inside a finalizer is printed as ignored and lost; the run must stop all the same,
+    at the next step. In a process of its own: the handler is process-wide."""
+    code = (
+        "import gc, os, signal, sys\n"
+        "from rlreason.training import interrupt\n"
+        "interrupt.install()\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        sum(range(10**5))\n"  # the handler runs here, inside the finalizer, and its exception is dropped
+        "Finalized()\n"
+        "gc.collect()\n"
+        "print('trained on', flush=True)\n"
+        "try:\n"
+        "    interrupt.raise_if_requested()\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)
+    assert "Exception ignored" in done.stderr and "KeyboardInterrupt" in done.stderr, done.stderr
+    assert done.stdout == "trained on\n" and done.returncode == 130, (done.stdout, done.stderr)

@@ -45,7 +45,7 @@ from rlreason.observe.runlog import (
 )
 from rlreason.rollout.engine import Rollout, SamplingParams
 from rlreason.rollout.episodes import Episodes
-from rlreason.training import sft
+from rlreason.training import interrupt, sft
 from rlreason.training.checkpoint import (
     Checkpointed,
     full_weights,
@@ -153,6 +153,7 @@ class Trainer:
                 self.evaluate("base")
             if cfg.sft.data and cfg.sft.steps > 0:
                 self.run_sft()
+                interrupt.raise_if_requested()
                 self.evaluate("sft")
         milestones = Milestones(cfg.run.milestones, read_jsonl(self.run_dir / METRICS))
         progress = Progress(cfg.train.steps, self.step, cfg.run.progress, cfg.run.log_every, milestones, self.is_main)
@@ -169,6 +170,7 @@ class Trainer:
         cfg = self.config
         bad_steps = 0
         while self.step < cfg.train.steps:
+            interrupt.raise_if_requested()
             metrics = self.train_step()
             progress.update(metrics)
             bad_steps = bad_steps + 1 if metrics["skipped_updates"] else 0
