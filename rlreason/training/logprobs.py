@@ -261,7 +261,7 @@ def logprobs_from_inputs(
     with _attention(inner.config, implementation):
         hidden, autocast = _final_hidden(model, base, input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=mask, **extra)
     with torch.autocast(hidden.device.type, dtype=autocast[1], enabled=autocast[0]):
-        lp, ent = _head_logprobs(_at(hidden, inputs.hidden_rows, inputs.hidden_cols), head.weight, head.bias, inputs.targets, temperature, entropy_grad, head_math)
+        lp, ent = _head_logprobs(_gather(hidden, inputs.hidden_rows * hidden.shape[1] + inputs.hidden_cols), head.weight, head.bias, inputs.targets, temperature, entropy_grad, head_math)
     return _scatter(lp, inputs), _scatter(ent, inputs)
 
 
@@ -284,7 +284,7 @@ def labelled_logprobs(
     with _attention(inner.config, implementation):
         hidden, autocast = _final_hidden(model, base, input_ids=input_ids, position_ids=position_ids)
     with torch.autocast(hidden.device.type, dtype=autocast[1], enabled=autocast[0]):
-        lp, _ = _head_logprobs(_at(hidden, rows, cols), head.weight, head.bias, labels[rows, cols + 1], 1.0, False)
+        lp, _ = _head_logprobs(_gather(hidden, rows * hidden.shape[1] + cols), head.weight, head.bias, labels[rows, cols + 1], 1.0, False)
     return lp
 
 
@@ -332,10 +332,10 @@ def _causal_only(config) -> bool:
     )
 
 
-def _at(hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """hidden[rows, cols] of [N, L, H] as one gather along a single dimension (backward: one index_add, not the
-    accumulating index_put of advanced indexing, serial on the CPU)."""
-    return hidden.flatten(0, 1).index_select(0, rows * hidden.shape[1] + cols)
+def _gather(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """x[r, c] of [N, L, ...] for the flat indices ``at`` = r * L + c (any shape), as one gather along a single
+    dimension: its backward is one index_add, not advanced indexing's accumulating index_put, serial on the CPU."""
+    return x.flatten(0, 1).index_select(0, at.flatten()).view(*at.shape, *x.shape[2:])
 
 
 def _scatter(values: torch.Tensor, inputs: LogprobInputs) -> torch.Tensor:
@@ -548,11 +548,14 @@ def shared_prompt_attention(module, query, key, value, attention_mask, dropout: 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     lay = shared_layout
     batch, heads, length, dim = query.shape
-    scale = dim**-0.5 if scaling is None else scaling
     pw = lay.prompt_mask.shape[-1]
-    prompt = _attend(query[:, :, :pw], key[:, :, :pw], value[:, :, :pw], lay.prompt_mask, scale, dropout)
+    prompt = _attend(query[:, :, :pw], key[:, :, :pw], value[:, :, :pw], lay.prompt_mask, scaling, dropout)
+
+    def pieces(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:  # [B, H, L, D] -> [S, H, n, D] of at [S, n]
+        return _gather(x.transpose(1, 2), at).transpose(1, 2)
+
     own = _attend(
-        _take(query, lay.query_at), _take(key, lay.key_at), _take(value, lay.key_at), lay.segment_mask, scale, dropout
+        pieces(query, lay.query_at), pieces(key, lay.key_at), pieces(value, lay.key_at), lay.segment_mask, scaling, dropout
     )
     values = torch.cat([
         prompt.transpose(1, 2).reshape(-1, heads * dim).index_select(0, lay.prompt_take),
@@ -562,20 +565,16 @@ def shared_prompt_attention(module, query, key, value, attention_mask, dropout: 
     return out.view(batch, length, heads, dim), None
 
 
-def _take(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """[B, H, L, D] at the flat (row, column) indices ``at`` [S, n] -> [S, H, n, D]: one gather along a single
-    dimension, whose backward is one index_add (advanced indexing's is an accumulating index_put, serial on the CPU)."""
-    B, H, L, D = x.shape
-    return x.transpose(1, 2).reshape(B * L, H * D).index_select(0, at.flatten()).view(*at.shape, H, D).transpose(1, 2)
-
-
-def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scale: float, dropout: float) -> torch.Tensor:
+def _attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scaling: float | None, dropout: float
+) -> torch.Tensor:
     """Attention of [S, H, n, D] queries over [S, Hkv, m, D] keys under a bool mask [S or 1, 1, n, m]. On the CPU as
     plain float32 products, each kv head's query heads stacked into one matrix: for short sequences SDPA's CPU
     kernels (flash attention's backward above all) run at a fraction of the products' rate. Elsewhere, and where
     the float32 scores would exceed ``SCORES_BYTES`` (they are kept for the backward pass), SDPA."""
     S, H, n, D = query.shape
     kv_heads, m = key.shape[1], key.shape[2]
+    scale = D**-0.5 if scaling is None else scaling
     if dropout or not _as_cpu_products(query, m):
         key, value = repeat_kv(key, H // kv_heads), repeat_kv(value, H // kv_heads)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scale)
@@ -598,7 +597,7 @@ def causal_attention(module, query, key, value, attention_mask, dropout: float =
     if attention_mask is not None or dropout or n != m or n == 1 or not _as_cpu_products(query, m):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril().view(1, 1, n, n)
-    out = _attend(query, key, value, causal, query.shape[-1] ** -0.5 if scaling is None else scaling, dropout)
+    out = _attend(query, key, value, causal, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None
 
 
