@@ -121,12 +121,13 @@ def char_codes(completions: list[str], samples: list[dict]) -> list[float]:
     return [sum(map(ord, c)) / len(c) / 128 if c else 0.0 for c in completions]
 
 
-@pytest.fixture
-def float32_accelerator():
-    """Accelerate's state is one per process and keeps the first mixed precision asked for: start this test's
-    float32 one afresh, and leave none behind."""
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate's state is one per process and keeps the first mixed precision asked for, so a test's trainer would
+    get whatever an earlier test asked for (or fail on a different ask): every test starts afresh and leaves none."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+

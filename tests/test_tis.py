@@ -121,7 +121,7 @@ def test_loss_inputs_keep_the_engine_s_log_probs():
 # ----------------------------------------------------------------- the logged gap on a hand-made batch
 
 
-def test_the_step_logs_the_gap_over_the_policy_s_tokens_at_the_sampling_weights(tiny_llama, tmp_path, float32_accelerator):
+def test_the_step_logs_the_gap_over_the_policy_s_tokens_at_the_sampling_weights(tiny_llama, tmp_path):
     """Engine log-probs = the trainer's + a known offset, with observation tokens whose offset is huge: the logged
     gap is the mean |offset| over the policy's tokens, from the first of two passes (the second is at moved
     weights), and the TIS weight mean and truncated share follow from the offsets."""
@@ -188,7 +188,7 @@ def test_a_valid_correction_loads_into_the_objective():
 
 
 @pytest.mark.parametrize("mode", ["tis", "mis"])
-def test_one_step_with_the_fast_engine_logs_the_gap_and_the_weights(mode, tiny_llama, tmp_path, float32_accelerator):
+def test_one_step_with_the_fast_engine_logs_the_gap_and_the_weights(mode, tiny_llama, tmp_path):
     """float32 on the CPU: the engine and the trainer agree to ~1e-6 at the sampling temperature, so the weights are
     1 and nothing is truncated or masked."""
     config = write_config(

@@ -173,7 +173,7 @@ def test_cuda_graph_layout_trains_like_the_plain_one(tmp_path, monkeypatch):
         assert float((a - b).norm()) < 0.01 * float(a.norm())
 
 
-def test_token_mean_metrics_do_not_depend_on_the_micro_batch_split(tiny_llama, tmp_path, float32_accelerator):
+def test_token_mean_metrics_do_not_depend_on_the_micro_batch_split(tiny_llama, tmp_path):
     """entropy, ratio, kl and the clip fractions are means over the step's tokens, whatever the micro-batches (in
     float32: bf16 autocast rounds differently for each micro-batch shape)."""
     results = {}
