@@ -82,7 +82,8 @@ def test_greedy_equals_reference(model_and_tokenizer):
 
 def test_bf16_on_a_float32_model_computes_from_its_own_copies(llama):
     """Computing in bf16 on a float32 model (the CPU's bf16 path) keeps bf16 copies, cast once a call rather than
-    at every matrix product: the same tokens as casting the model's own weights each time."""
+    at every matrix product: the same tokens as casting the model's own weights each time. Attention reads a float32
+    cache there."""
     model, tokenizer = llama
     params = SamplingParams(max_new_tokens=16, greedy=True)
     engine = FastEngine(model, tokenizer, dtype=torch.bfloat16)
@@ -90,6 +91,7 @@ def test_bf16_on_a_float32_model_computes_from_its_own_copies(llama):
     per_matmul = FastEngine(model, tokenizer, dtype=torch.bfloat16, own_weights=False)
     assert not per_matmul.weights.own
     _same(engine.generate(_prompts(tokenizer), 2, params), per_matmul.generate(_prompts(tokenizer), 2, params))
+    assert all(getattr(engine._ws, name).dtype == torch.float32 for name in ("kp", "vp", "kc", "vc"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -374,6 +374,45 @@ def test_closed_form_head_gradient_matches_autograd(autocast, compiled, monkeypa
         assert ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)) < tol
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("kept", [True, False])
+def test_head_gradient_from_kept_probabilities(autocast, kept, monkeypatch):
+    """With no entropy gradient, a CPU head keeps each chunk's probabilities for its backward (within
+    KEPT_PROBS_BYTES) instead of multiplying by the head again: the same gradients as autograd through log_softmax
+    and gather, kept (a 40-token, 50-word batch in chunks of 16) or recomputed (a budget of 0 bytes)."""
+    monkeypatch.setattr(lp_module, "CHUNK_BYTES", 4 * 50 * 16)
+    if not kept:
+        monkeypatch.setattr(lp_module, "KEPT_PROBS_BYTES", 0)
+    from_kept = []
+    real = lp_module._kept_probs_logit_grad
+    monkeypatch.setattr(lp_module, "_kept_probs_logit_grad", lambda *a: from_kept.append(1) or real(*a))
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(40, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    bias = torch.randn(50, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (40,), generator=g)
+    w_tok = torch.randn(40, generator=g)
+
+    def grads(fn):
+        for t in (hidden, weight, bias):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            lp = fn()
+        (lp * w_tok).sum().backward()
+        return [lp.detach()] + [t.grad.clone() for t in (hidden, weight, bias)]
+
+    def reference():
+        logprobs = torch.log_softmax(torch.nn.functional.linear(hidden, weight, bias).float() / 0.7, dim=-1)
+        return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    ours = grads(lambda: lp_module._head_logprobs(hidden, weight, bias, targets, 0.7, entropy_grad=False)[0])
+    assert len(from_kept) == (3 if kept else 0)
+    theirs = grads(reference)
+    tol = 2e-2 if autocast else 1e-5
+    for a, b in zip(ours, theirs, strict=True):
+        assert ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)) < tol
+
+
 def test_shared_prompt_rows_use_the_short_attention_with_sdpa(tmp_path, monkeypatch):
     """With sdpa, shared-prompt rows go through ``shared_prompt_attention`` (the prompt, then each completion
     against the prompt and itself) rather than a full row-by-row masked attention, and the model's own attention

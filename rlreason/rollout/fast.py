@@ -151,7 +151,7 @@ class FastEngine:
                 torch.cuda.empty_cache()
         rope = self.ops.rope_tables(Wp + Wc + 1)
         pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        self._ws = Workspace.allocate(key, self.dims, self.dtype, rope, pool)
+        self._ws = Workspace.allocate(key, self.dims, self.ops.kv_dtype, rope, pool)
         return self._ws
 
     def release(self, empty_cache: bool = True) -> None:
@@ -188,7 +188,7 @@ class FastEngine:
         decoded = time.perf_counter()
         rollout = self._rollout(prompt_ids, n, out_tokens, out_logprobs)
         d = self.dims
-        kv_token_bytes = 2 * d.num_layers * d.num_kv_heads * d.head_dim * torch.finfo(self.dtype).bits // 8
+        kv_token_bytes = 2 * d.num_layers * d.num_kv_heads * d.head_dim * self.ops.kv_dtype.itemsize
         self.last_stats.update(
             prefill_s=prefilled - started,
             decode_s=decoded - prefilled,

@@ -25,6 +25,9 @@ class TorchOps:
         self.device = eos.device
         cuda = self.device.type == "cuda"
         self.fused_norm = cuda
+        # On the CPU attention runs in float32 from a float32 cache: a bf16 product there copies its strided
+        # operands (the cache's slices) before multiplying, and rounds the scores to bf16 on the way out.
+        self.kv_dtype = dtype if cuda else torch.float32
         self._scores_out_dtype = cuda and dtype in (torch.bfloat16, torch.float16) and self._bmm_out_dtype_works()
         scale = [dims.head_dim**-0.5] * dims.num_heads + [1.0] * dims.num_kv_heads  # queries carry 1/sqrt(D)
         self.qk_scale = torch.tensor(scale, dtype=dtype, device=self.device).view(1, -1, 1)
@@ -184,16 +187,23 @@ class TorchOps:
             q, k = qk[:, :H], qk[:, H:]
             # append to the cache: rows are (group, member) -> layout [Pp, Hkv, G, slot, D]
             kc_i, vc_i = kc[i, :Pp], vc[i, :Pp]
-            kc_i.index_copy_(3, slot, k.view(Pp, G, Hkv, 1, D).transpose(1, 2))
-            vc_i.index_copy_(3, slot, v.view(Pp, G, Hkv, 1, D).transpose(1, 2))
+            kc_i.index_copy_(3, slot, k.view(Pp, G, Hkv, 1, D).transpose(1, 2).to(self.kv_dtype))
+            vc_i.index_copy_(3, slot, v.view(Pp, G, Hkv, 1, D).transpose(1, 2).to(self.kv_dtype))
             # queries grouped by prompt and kv head: [Pp, Hkv, G, rep, D]
-            qg = q.view(Pp, G, Hkv, rep, D).transpose(1, 2).contiguous()
+            qg = _contiguous_in(q.view(Pp, G, Hkv, rep, D).transpose(1, 2), self.kv_dtype)
             s_p = self.scores(qg.view(Pp * Hkv, G * rep, D), kp[i, :Pp].reshape(Pp * Hkv, Wp, D).transpose(1, 2))
             s_c = self.scores(qg.view(Pp * Hkv * G, rep, D), kc_i[..., :B, :].reshape(Pp * Hkv * G, B, D).transpose(1, 2))
             s = torch.cat([s_p.view(Pp, Hkv, G, rep, Wp), s_c.view(Pp, Hkv, G, rep, B)], dim=-1) + bias
-            p = torch.softmax(s, dim=-1).to(self.dtype)
+            p = torch.softmax(s, dim=-1).to(self.kv_dtype)
             o = torch.bmm(p[..., :Wp].reshape(Pp * Hkv, G * rep, Wp), vp[i, :Pp].reshape(Pp * Hkv, Wp, D)).view(Pp, Hkv, G, rep, D)
             o = o + torch.bmm(p[..., Wp:].reshape(Pp * Hkv * G, rep, B), vc_i[..., :B, :].reshape(Pp * Hkv * G, B, D)).view(Pp, Hkv, G, rep, D)
-            x = x + weights.linear(o.transpose(1, 2).reshape(R, H * D), layer["o"])
+            o = _contiguous_in(o.transpose(1, 2), self.dtype).view(R, H * D)
+            x = x + weights.linear(o, layer["o"])
             x = x + self.mlp(self.rms(x, layer["ln2"]), layer, weights)
         self.record(ws, R, weights.linear(self.rms(x, weights.norm), weights.lm_head), sampling)
+
+
+def _contiguous_in(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of ``x`` in ``dtype``, in one pass (``to`` alone keeps a new dtype's strides, and returns
+    ``x`` itself in its own dtype)."""
+    return x.contiguous() if x.dtype == dtype else x.to(dtype, memory_format=torch.contiguous_format)

@@ -80,13 +80,13 @@ class Workspace:
 
     @classmethod
     def allocate(
-        cls, key: tuple[int, int, int, int], dims: ModelDims, dtype: torch.dtype, rope: tuple[torch.Tensor, torch.Tensor], pool: Any
+        cls, key: tuple[int, int, int, int], dims: ModelDims, kv_dtype: torch.dtype, rope: tuple[torch.Tensor, torch.Tensor], pool: Any
     ) -> Workspace:
-        """Zeroed buffers for ``key`` = (prompts, group size, prompt width, completion width)."""
+        """Zeroed buffers for ``key`` = (prompts, group size, prompt width, completion width), the caches in ``kv_dtype``."""
         P, G, Wp, Wc = key
         N, nl, Hkv, D, dev = P * G, dims.num_layers, dims.num_kv_heads, dims.head_dim, rope[0].device
 
-        def zeros(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+        def zeros(*shape: int, dtype: torch.dtype = kv_dtype) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=dev)
 
         return cls(

@@ -1,8 +1,8 @@
 """Per-token log-probabilities of completions under a model, the quantity every policy loss is built from.
 
 Lean by construction: the vocabulary projection runs only on the positions that predict a completion token (not on
-prompts or padding), in chunks of tokens, each recomputed in the backward pass with its gradient in closed form
-(``_HeadChunk``), so no float32 [batch, length, vocab] tensor is ever materialised; with ``packing`` the rows of a
+prompts or padding), in chunks of tokens, each recomputed in the backward pass (on the CPU: its probabilities kept)
+with its gradient in closed form (``_HeadChunk``), so no float32 [batch, length, vocab] tensor is ever materialised; with ``packing`` the rows of a
 micro-batch are laid end to end (no padding) and attention is kept inside each row by its position ids; with
 ``shared_prompt`` a group's G completions share one copy of their prompt in one row (a tree-shaped attention mask:
 each completion sees the prompt and itself), so the prompt is computed once per group instead of G times.
@@ -26,6 +26,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from rlreason.models import causal_lm
+from rlreason.training.packed_products import Packs, packs_for
 
 SHARED_PROMPT_ATTENTION = "rlreason_shared_prompt"
 """The attention function shared-prompt rows use with sdpa models: registered with transformers below."""
@@ -42,6 +43,14 @@ SCORES_BYTES = 1 << 26
 
 CHUNK_BYTES = 1 << 26
 """Float32 logits per chunk of the vocabulary projection (64 MiB): tokens per chunk = CHUNK_BYTES / (4 x vocab)."""
+
+EXP_FLOOR = -87.0
+"""Log-probabilities below this are exponentiated as this (exp(-87) ~ 1.6e-38, float32's smallest normal, where a
+probability is 0 to every sum it enters): on the CPU an exp whose result is subnormal takes ~30x longer, and a trained
+model's log-probs over the vocabulary reach that far."""
+
+KEPT_PROBS_BYTES = 1 << 30
+"""On the CPU, the most bytes of probabilities (1 GiB a micro-batch) the head's forward keeps for its backward."""
 
 
 @dataclass
@@ -184,7 +193,12 @@ def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) and the entropy of each row of a chunk's logits, at ``temperature``, in float32."""
     logp = _log_softmax(logits, temperature)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(_probs(logp) * logp).sum(-1)
+
+
+def _probs(logp: torch.Tensor) -> torch.Tensor:
+    """exp(logp), from ``EXP_FLOOR`` up."""
+    return logp.clamp(min=EXP_FLOOR).exp_()
 
 
 def _chunk_logit_grad(
@@ -196,14 +210,34 @@ def _chunk_logit_grad(
     float32 copies at most."""
     logp = _log_softmax(logits, temperature)
     if grad_entropy is None:
-        grad = logp.exp_().mul_(-grad_token.unsqueeze(-1))
+        grad = logp.clamp_(min=EXP_FLOOR).exp_().mul_(-grad_token.unsqueeze(-1))
     else:
-        probs = logp.exp()
+        probs = _probs(logp)
         grad = probs * logp.add_(entropy.unsqueeze(-1)).mul_(-grad_entropy.unsqueeze(-1)) - probs * grad_token.unsqueeze(-1)
+    return _token_grad_added(grad, targets, grad_token, temperature).to(logits.dtype)
+
+
+def _token_grad_added(grad: torch.Tensor, targets: torch.Tensor, grad_token: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``grad`` (float32, the -p terms) plus the one-hot term of d log p(target), through the temperature; in place."""
     grad.scatter_add_(-1, targets.unsqueeze(-1), grad_token.unsqueeze(-1))
     if temperature != 1.0:
         grad /= temperature
-    return grad.to(logits.dtype)
+    return grad
+
+
+def _chunk_stats_and_probs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_chunk_stats``, and the probabilities in the logits' dtype, for a backward that need not recompute them."""
+    logp = _log_softmax(logits, temperature)
+    probs = _probs(logp)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(probs * logp).sum(-1), probs.to(logits.dtype)
+
+
+def _kept_probs_logit_grad(probs: torch.Tensor, targets: torch.Tensor, grad_token: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``_chunk_logit_grad`` with no entropy gradient, from the probabilities ``_chunk_stats_and_probs`` kept."""
+    grad = probs.float() * -grad_token.unsqueeze(-1)
+    return _token_grad_added(grad, targets, grad_token, temperature).to(probs.dtype)
 
 
 class HeadMath(NamedTuple):
@@ -375,6 +409,10 @@ def _head_logprobs(
     The products run in the autocast dtype, cast once for all chunks (as autocast's own cast cache would)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    packs = packs_for(weight, dtype)
+    # On the CPU the backward's second product is the head's costliest part, and memory is plentiful; on a GPU a
+    # micro-batch's [tokens, vocab] kept until its backward is what the chunks exist to avoid.
+    keep = device == "cpu" and not entropy_grad and hidden.shape[0] * weight.shape[0] * dtype.itemsize <= KEPT_PROBS_BYTES
     with torch.autocast(device, enabled=False):
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -382,7 +420,8 @@ def _head_logprobs(
         lps, ents = [], []
         for start in range(0, hidden.shape[0], chunk):
             lp, ent = _HeadChunk.apply(
-                hidden[start : start + chunk], weight, bias, targets[start : start + chunk], temperature, entropy_grad, head_math
+                hidden[start : start + chunk], weight, bias, targets[start : start + chunk], temperature, entropy_grad,
+                head_math, packs, keep,
             )
             lps.append(lp)
             ents.append(ent)
@@ -395,29 +434,48 @@ def _head_logprobs(
 class _HeadChunk(torch.autograd.Function):
     """log p(target) and the entropy for a chunk of positions, from their hidden states and the head.
 
-    Nothing of [tokens, vocab] size is kept for backward: it recomputes the logits and writes their gradient in
-    closed form, d log p(target) = one-hot - p and d entropy = -p (log p + entropy), instead of differentiating
-    log_softmax, gather and the entropy's sum step by step: a handful of passes over the chunk's logits instead of
-    about twenty. The inputs share one dtype (``_head_logprobs`` casts them); the math past the product is float32."""
+    The gradient is written in closed form, d log p(target) = one-hot - p and d entropy = -p (log p + entropy),
+    instead of differentiating log_softmax, gather and the entropy's sum step by step: a handful of passes over the
+    chunk's logits instead of about twenty. Nothing of [tokens, vocab] size is kept for backward, which recomputes
+    the logits, unless ``keep``: then the forward keeps the probabilities (in the logits' dtype) and the backward
+    needs no product but the two gradient ones. The inputs share one dtype (``_head_logprobs`` casts them); the math
+    past the product is float32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, entropy_grad: bool, head_math: HeadMath):
-        token, entropy = head_math.stats(F.linear(hidden, weight, bias), targets, temperature)
-        ctx.save_for_backward(hidden, weight, bias, targets, entropy)
-        ctx.temperature, ctx.entropy_grad, ctx.head_math = temperature, entropy_grad, head_math
+    def forward(
+        ctx, hidden, weight, bias, targets, temperature: float, entropy_grad: bool, head_math: HeadMath, packs: Packs | None,
+        keep: bool,
+    ):
+        logits = _logits(hidden, weight, bias, packs)
+        if keep:
+            token, entropy, kept = _chunk_stats_and_probs(logits, targets, temperature)
+        else:
+            (token, entropy), kept = head_math.stats(logits, targets, temperature), None
+        ctx.save_for_backward(hidden, weight, bias, targets, entropy, kept)
+        ctx.temperature, ctx.entropy_grad, ctx.head_math, ctx.packs = temperature, entropy_grad, head_math, packs
         if not entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return token, entropy
 
     @staticmethod
     def backward(ctx, grad_token, grad_entropy):
-        hidden, weight, bias, targets, entropy = ctx.saved_tensors
-        grad_entropy = grad_entropy if ctx.entropy_grad else None
-        grad = ctx.head_math.logit_grad(F.linear(hidden, weight, bias), targets, entropy, grad_token, grad_entropy, ctx.temperature)
-        grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None
+        hidden, weight, bias, targets, entropy, kept = ctx.saved_tensors
+        if kept is not None:
+            grad = _kept_probs_logit_grad(kept, targets, grad_token, ctx.temperature)
+        else:
+            grad_entropy = grad_entropy if ctx.entropy_grad else None
+            logits = _logits(hidden, weight, bias, ctx.packs)
+            grad = ctx.head_math.logit_grad(logits, targets, entropy, grad_token, grad_entropy, ctx.temperature)
+        grad_hidden = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = grad @ weight if ctx.packs is None else ctx.packs.times(grad)
         grad_weight = grad.t() @ hidden if ctx.needs_input_grad[1] else None
         grad_bias = grad.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packs: Packs | None) -> torch.Tensor:
+    return F.linear(hidden, weight, bias) if packs is None else packs.times_transposed(hidden, bias)
 
 
 def _pack(prompt_ids, prompt_mask, completion_ids, completion_mask):
@@ -629,6 +687,6 @@ def _full_logits_path(model, inputs: LogprobInputs, temperature: float, entropy_
     logprobs = torch.log_softmax(logits, dim=-1)
     token_logprobs = logprobs.gather(-1, inputs.input_ids[:, end - length : end].unsqueeze(-1)).squeeze(-1)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = -(logprobs.exp() * logprobs).sum(-1)
+        entropy = -(_probs(logprobs) * logprobs).sum(-1)
     keep = inputs.completion_mask.to(token_logprobs.dtype)
     return token_logprobs * keep, entropy * keep

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlreason.data import PromptStream
 from rlreason.training.logprobs import labelled_logprobs
+from rlreason.training.packed_products import packed_products
 from rlreason.training.setup import adamw
 from tasks.environments import Environment, step_all
 from tasks.prompts import render
@@ -216,8 +217,9 @@ def run_sft(
     for _ in bar:
         chosen = [examples[i] for i in stream.take(config.batch_size)]
         inputs = collate(chosen, tokenizer.pad_token_id, config.pack_length if config.pack else None)
-        loss = supervised_loss(model, {k: v.to(accelerator.device) for k, v in inputs.items()})
-        accelerator.backward(loss)
+        with packed_products(model):
+            loss = supervised_loss(model, {k: v.to(accelerator.device) for k, v in inputs.items()})
+            accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()

@@ -64,6 +64,7 @@ from rlreason.training.groups import (
     model_inputs,
 )
 from rlreason.training.logprobs import LogprobInputs, logprobs_from_inputs
+from rlreason.training.packed_products import packed_products
 from rlreason.training.setup import load_training_data, load_training_models, make_accelerator
 from rlreason.training.step_log import (
     ReasoningInputs,
@@ -277,10 +278,11 @@ class Trainer:
         if self.config.train.cuda_graphs:
             keep_gradients(self.model)
         for iteration in range(objective.num_iterations):
-            pass_losses = [
-                self._micro_step(batch, rows, i == len(slices) - 1, step, sums, fresh=iteration == 0)
-                for i, (rows, batch) in enumerate(zip(slices, inputs, strict=True))
-            ]
+            with packed_products(self.model, enabled=not self.config.train.compile):
+                pass_losses = [
+                    self._micro_step(batch, rows, i == len(slices) - 1, step, sums, fresh=iteration == 0)
+                    for i, (rows, batch) in enumerate(zip(slices, inputs, strict=True))
+                ]
             losses += pass_losses
             grad_norms += self._update(pass_losses)
         out: dict[str, Any] = dict(sums.means())
