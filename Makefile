@@ -35,7 +35,7 @@ test: $(STAMP)
 # The CPU side of benchmarks/throughput.py: rlreason against TRL 1.16 on the default model (results: docs/benchmarks.md).
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) benchmarks/throughput.py --model default --prompts 4 --group 8 --max-new-tokens 96 --steps 2 --warmup 1 --bf16 --shared-prompt
+	$(PY) benchmarks/throughput.py --model default --prompts 4 --group 8 --max-new-tokens 96 --steps 2 --warmup 2 --bf16 --shared-prompt
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rlreason rewards tasks tests benchmarks

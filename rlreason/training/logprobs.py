@@ -193,7 +193,9 @@ def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) and the entropy of each row of a chunk's logits, at ``temperature``, in float32."""
     logp = _log_softmax(logits, temperature)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(_probs(logp) * logp).sum(-1)
+    token = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp.clamp_(min=EXP_FLOOR)  # in the entropy a term below the floor is ~1e-36 either way
+    return token, -(logp.exp() * logp).sum(-1)
 
 
 def _probs(logp: torch.Tensor) -> torch.Tensor:
@@ -230,8 +232,9 @@ def _chunk_stats_and_probs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_chunk_stats``, and the probabilities in the logits' dtype, for a backward that need not recompute them."""
     logp = _log_softmax(logits, temperature)
-    probs = _probs(logp)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(probs * logp).sum(-1), probs.to(logits.dtype)
+    token = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    probs = logp.clamp_(min=EXP_FLOOR).exp()
+    return token, -(probs * logp).sum(-1), probs.to(logits.dtype)
 
 
 def _kept_probs_logit_grad(probs: torch.Tensor, targets: torch.Tensor, grad_token: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -627,19 +630,46 @@ def _attend(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scaling: float | None, dropout: float
 ) -> torch.Tensor:
     """Attention of [S, H, n, D] queries over [S, Hkv, m, D] keys under a bool mask [S or 1, 1, n, m]. On the CPU as
-    plain float32 products, each kv head's query heads stacked into one matrix: for short sequences SDPA's CPU
-    kernels (flash attention's backward above all) run at a fraction of the products' rate. Elsewhere, and where
-    the float32 scores would exceed ``SCORES_BYTES`` (they are kept for the backward pass), SDPA."""
+    plain products in the inputs' dtype, each kv head's query heads stacked into one matrix, with the softmax in
+    float32: for short sequences SDPA's CPU kernels (flash attention's backward above all) run at a fraction of the
+    products' rate. Elsewhere, and where the float32 scores would exceed ``SCORES_BYTES`` (they are kept for the
+    backward pass), SDPA."""
     S, H, n, D = query.shape
     kv_heads, m = key.shape[1], key.shape[2]
     scale = D**-0.5 if scaling is None else scaling
     if dropout or not _as_cpu_products(query, m):
         key, value = repeat_kv(key, H // kv_heads), repeat_kv(value, H // kv_heads)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scale)
-    stacked = query.reshape(S, kv_heads, H // kv_heads * n, D).float()
-    scores = (stacked @ key.float().transpose(-1, -2)).view(S, kv_heads, H // kv_heads, n, m) * scale
-    probs = torch.softmax(scores.masked_fill(~allowed.unsqueeze(1), float("-inf")), dim=-1)
-    return (probs.view(S, kv_heads, -1, m) @ value.float()).view(S, H, n, D).to(query.dtype)
+    # contiguous operands: a CPU bf16 product copies any other layout than a (transposed) contiguous one first
+    stacked, key, value = query.reshape(S, kv_heads, H // kv_heads * n, D), key.contiguous(), value.contiguous()
+    probs = torch.softmax(_MaskedScores.apply(stacked, key, allowed, scale), dim=-1)
+    return (probs.to(value.dtype).view(S, kv_heads, -1, m) @ value).view(S, H, n, D)
+
+
+class _MaskedScores(torch.autograd.Function):
+    """scale * q @ k.T as float32, -inf where ``allowed`` [S or 1, 1, n, m] is False, for queries stacked per kv head
+    [S, Hkv, rep * n, D]; the products in the inputs' dtype (bf16 rounds the scores, as HF's eager attention does
+    under autocast). The gradient is 0 wherever the mask is (softmax gives those positions probability 0), so the
+    backward pass needs no mask; it multiplies in the inputs' dtype too, as flash attention's does."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+        S, kv_heads, rows, _ = query.shape
+        n, m = allowed.shape[-2:]
+        scores = (query @ key.transpose(-1, -2)).float().mul_(scale).view(S, kv_heads, rows // n, n, m)
+        # an additive mask: a broadcast add is a tenth of a broadcast masked_fill_ here
+        scores.add_(torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf")).unsqueeze(1))
+        ctx.save_for_backward(query, key)
+        ctx.scale = scale
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        query, key = ctx.saved_tensors
+        grad = grad.flatten(2, 3).to(query.dtype)
+        grad_query = (grad @ key).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
+        grad_key = (grad.transpose(-1, -2) @ query).mul_(ctx.scale) if ctx.needs_input_grad[1] else None
+        return grad_query, grad_key, None, None
 
 
 def _as_cpu_products(query: torch.Tensor, keys: int) -> bool:
