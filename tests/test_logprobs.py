@@ -80,9 +80,18 @@ def _close_grads(a, b):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "deepseek_v3"])
-def test_packed_equals_padded(tmp_path, arch, monkeypatch):
+@pytest.mark.parametrize("cpu_products", [True, False])
+def test_packed_equals_padded(tmp_path, arch, monkeypatch, cpu_products):
+    """Packed rows run under the mask transformers makes from their position ids: on the CPU as plain products in
+    every layer, or (scores over ``SCORES_BYTES``) SDPA under that mask; either way the padded rows' values."""
     monkeypatch.setattr(lp_module, "CHUNK_BYTES", 4 * 90 * 7)  # chunks of 7 tokens: several per batch
-    _assert_matches_padded(_tiny(tmp_path, arch), _batch(), packing=True)
+    if not cpu_products:
+        monkeypatch.setattr(lp_module, "SCORES_BYTES", 0)
+    attended, attend = [], lp_module._attend
+    monkeypatch.setattr(lp_module, "_attend", lambda *a: attended.append(1) or attend(*a))
+    model = _tiny(tmp_path, arch)
+    _assert_matches_padded(model, _batch(), packing=True)
+    assert len(attended) == (model.config.num_hidden_layers if cpu_products else 0)  # left-padded rows: SDPA
 
 
 def test_chunked_head_equals_full_logits(tmp_path, monkeypatch):

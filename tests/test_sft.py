@@ -7,6 +7,7 @@ import torch
 from accelerate import Accelerator
 from conftest import make_tiny_model
 
+import rlreason.training.logprobs as lp_module
 from rlreason.config import SFTConfig
 from rlreason.models import load_model, load_tokenizer
 from rlreason.training.sft import (
@@ -74,16 +75,22 @@ def test_packed_loss_equals_padded_loss(tmp_path, arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("pack", [False, True])
-def test_lean_supervised_loss_equals_the_models_own(tmp_path, arch, pack):
-    """The head only where a label is predicted: the same loss and gradients as the model's full-logits loss."""
+def test_lean_supervised_loss_equals_the_models_own(tmp_path, arch, pack, monkeypatch):
+    """The head only where a label is predicted: the same loss and gradients as the model's full-logits loss. On the
+    CPU attention runs as plain products in every layer, under the mask transformers makes for packed rows."""
     model_dir = make_tiny_model(tmp_path, arch)
     tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
     conversations = [[*chat(f"{a}+{7 * a}?"), {"role": "assistant", "content": "y" * a * a + f"<answer>{8 * a}</answer>"}] for a in range(1, 6)]
     inputs = collate([encode_conversation(tokenizer, m) for m in conversations], tokenizer.pad_token_id, 0 if pack else None)
+    attended, attend = [], lp_module._attend
+    monkeypatch.setattr(lp_module, "_attend", lambda *a: attended.append(1) or attend(*a))
     losses, grads = [], []
     for compute in (supervised_loss, lambda m, x: m(**x, use_cache=False).loss):
         model.zero_grad()
+        attended.clear()
         loss = compute(model, inputs)
+        if compute is supervised_loss:
+            assert len(attended) == model.config.num_hidden_layers
         loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))

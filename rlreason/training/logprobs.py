@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rlreason.models import causal_lm
 from rlreason.training.packed_products import Packs, packs_for
@@ -37,6 +38,10 @@ only: given no mask, SDPA runs its causal kernels (``is_causal``), or the CPU pl
 Under "sdpa" itself transformers makes a 4-d mask whenever it reads the position ids as packed sequences, which is
 always while the decoder is compiled (train.compile) and, eagerly, whenever right padding repeats a row's last
 position."""
+
+MASKED_ATTENTION = "rlreason_masked"
+"""Attention under the mask transformers makes for sdpa (its mask function is registered for this name below), for
+packed rows, whose sequences the mask keeps apart: SDPA with that mask, or on the CPU ``_attend``'s plain products."""
 
 SCORES_BYTES = 1 << 26
 """The most float32 attention scores (64 MiB a layer) the CPU attention computes as plain products (``_attend``)."""
@@ -316,6 +321,8 @@ def labelled_logprobs(
     implementation = getattr(inner.config, "_attn_implementation", "sdpa")
     if position_ids is None and implementation == "sdpa" and _causal_only(inner.config):
         implementation = CAUSAL_ATTENTION  # right padding follows every real token: causal attention alone is exact
+    elif position_ids is not None and implementation == "sdpa":
+        implementation = MASKED_ATTENTION
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     with _attention(inner.config, implementation):
@@ -346,10 +353,13 @@ def _attention_and_mask(inputs: LogprobInputs, config) -> tuple[str, torch.Tenso
     is read; under sdpa they run as ``CAUSAL_ATTENTION`` (SDPA's ``is_causal``) when every layer is plainly causal.
     Left-padded rows under sdpa and eager attention get the 4-d mask of ``padded_causal_mask`` when every layer is
     plainly causal; otherwise (sliding windows, which only the masks transformers makes carry; flash-attention) the
-    2-d mask, from which the model makes its own. Packed and shared rows: the model's own attention, no mask."""
+    2-d mask, from which the model makes its own. Packed rows under sdpa run as ``MASKED_ATTENTION``, under the mask
+    transformers makes from their position ids; shared rows (and packed ones otherwise) the model's own, no mask."""
     implementation = getattr(config, "_attn_implementation", "sdpa")
     causal = _causal_only(config)
     if not inputs.left_padded:
+        if implementation == "sdpa" and inputs.packed and inputs.shared is None:
+            return MASKED_ATTENTION, None
         fast = implementation == "sdpa" and not inputs.packed and causal
         return (CAUSAL_ATTENTION if fast else implementation), None
     if implementation in ("sdpa", "eager") and causal:
@@ -689,8 +699,21 @@ def causal_attention(module, query, key, value, attention_mask, dropout: float =
     return out.transpose(1, 2).contiguous(), None
 
 
+def masked_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """``MASKED_ATTENTION``: sdpa, or on the CPU (small enough, see ``_attend``) the same attention as plain products
+    under the bool mask transformers made (none: causal, as sdpa's own mask function allows)."""
+    if attention_mask is None:
+        return causal_attention(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
+    if attention_mask.dtype != torch.bool or dropout or not _as_cpu_products(query, key.shape[2]):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    out = _attend(query, key, value, attention_mask, scaling, dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
 AttentionInterface.register(SHARED_PROMPT_ATTENTION, shared_prompt_attention)
 AttentionInterface.register(CAUSAL_ATTENTION, causal_attention)
+AttentionInterface.register(MASKED_ATTENTION, masked_attention)
+AttentionMaskInterface.register(MASKED_ATTENTION, sdpa_mask)
 
 
 @contextlib.contextmanager
