@@ -640,10 +640,10 @@ def _attend(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scaling: float | None, dropout: float
 ) -> torch.Tensor:
     """Attention of [S, H, n, D] queries over [S, Hkv, m, D] keys under a bool mask [S or 1, 1, n, m]. On the CPU as
-    plain products in the inputs' dtype, each kv head's query heads stacked into one matrix, with the softmax in
-    float32: for short sequences SDPA's CPU kernels (flash attention's backward above all) run at a fraction of the
-    products' rate. Elsewhere, and where the float32 scores would exceed ``SCORES_BYTES`` (they are kept for the
-    backward pass), SDPA."""
+    plain products (``_MaskedScores``; the values' in their dtype), each kv head's query heads stacked into one
+    matrix, with the softmax in float32: for short sequences SDPA's CPU kernels (flash attention's backward above
+    all) run at a fraction of the products' rate. Elsewhere, and where the float32 scores would exceed
+    ``SCORES_BYTES`` (they are kept for the backward pass), SDPA."""
     S, H, n, D = query.shape
     kv_heads, m = key.shape[1], key.shape[2]
     scale = D**-0.5 if scaling is None else scaling
@@ -657,16 +657,17 @@ def _attend(
 
 
 class _MaskedScores(torch.autograd.Function):
-    """scale * q @ k.T as float32, -inf where ``allowed`` [S or 1, 1, n, m] is False, for queries stacked per kv head
-    [S, Hkv, rep * n, D]; the products in the inputs' dtype (bf16 rounds the scores, as HF's eager attention does
-    under autocast). The gradient is 0 wherever the mask is (softmax gives those positions probability 0), so the
-    backward pass needs no mask; it multiplies in the inputs' dtype too, as flash attention's does."""
+    """scale * q @ k.T in float32, -inf where ``allowed`` [S or 1, 1, n, m] is False, for queries stacked per kv head
+    [S, Hkv, rep * n, D]. As in flash attention, the scores are float32 products (autocast would round them to bf16)
+    and their gradient multiplies in the inputs' dtype (bf16 runs at three times float32's rate on the CPU). The
+    gradient is 0 wherever the mask is (softmax gives those positions probability 0): the backward needs no mask."""
 
     @staticmethod
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
         S, kv_heads, rows, _ = query.shape
         n, m = allowed.shape[-2:]
-        scores = (query @ key.transpose(-1, -2)).float().mul_(scale).view(S, kv_heads, rows // n, n, m)
+        with torch.autocast(query.device.type, enabled=False):
+            scores = (query.float() @ key.float().transpose(-1, -2)).mul_(scale).view(S, kv_heads, rows // n, n, m)
         # an additive mask: a broadcast add is a tenth of a broadcast masked_fill_ here
         scores.add_(torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf")).unsqueeze(1))
         ctx.save_for_backward(query, key)
