@@ -653,7 +653,7 @@ def _attend(
     # contiguous operands: a CPU bf16 product copies any other layout than a (transposed) contiguous one first
     stacked, key, value = query.reshape(S, kv_heads, H // kv_heads * n, D), key.contiguous(), value.contiguous()
     probs = torch.softmax(_MaskedScores.apply(stacked, key, allowed, scale), dim=-1)
-    return (probs.to(value.dtype).view(S, kv_heads, -1, m) @ value).view(S, H, n, D)
+    return (probs.to(value.dtype).view(S, kv_heads, -1, m) @ value).view(S, H, n, D).to(query.dtype)
 
 
 class _MaskedScores(torch.autograd.Function):
@@ -677,9 +677,9 @@ class _MaskedScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         query, key = ctx.saved_tensors
-        grad = grad.flatten(2, 3).to(query.dtype)
-        grad_query = (grad @ key).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
-        grad_key = (grad.transpose(-1, -2) @ query).mul_(ctx.scale) if ctx.needs_input_grad[1] else None
+        grad = grad.flatten(2, 3)
+        grad_query = (grad.to(key.dtype) @ key).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
+        grad_key = (grad.to(query.dtype).transpose(-1, -2) @ query).mul_(ctx.scale) if ctx.needs_input_grad[1] else None
         return grad_query, grad_key, None, None
 
 
