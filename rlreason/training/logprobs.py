@@ -2,10 +2,11 @@
 
 Lean by construction: the vocabulary projection runs only on the positions that predict a completion token (not on
 prompts or padding), in chunks of tokens, each recomputed in the backward pass (on the CPU: its probabilities kept)
-with its gradient in closed form (``_HeadChunk``), so no float32 [batch, length, vocab] tensor is ever materialised; with ``packing`` the rows of a
-micro-batch are laid end to end (no padding) and attention is kept inside each row by its position ids; with
-``shared_prompt`` a group's G completions share one copy of their prompt in one row (a tree-shaped attention mask:
-each completion sees the prompt and itself), so the prompt is computed once per group instead of G times.
+with its gradient in closed form (``_HeadChunk``), so no float32 [batch, length, vocab] tensor is ever materialised;
+with ``packing`` the rows of a micro-batch are laid end to end (no padding) and attention is kept inside each row by
+the mask their position ids make; with ``shared_prompt`` a group's G completions share one copy of their prompt in
+one row (a tree-shaped attention mask: each completion sees the prompt and itself), so the prompt is computed once
+per group instead of G times.
 
 The work is split in two so that a GPU never waits on the host: ``logprob_inputs`` does everything whose size
 depends on the data (which positions are real, the packing) on the CPU, before any of it is on the device, and

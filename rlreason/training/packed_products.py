@@ -48,7 +48,7 @@ ROWS_HINT = 1024
 
 def packs_for(weight: torch.Tensor, dtype: torch.dtype) -> Packs | None:
     """The packs of ``weight`` in ``dtype`` inside a ``packed_products`` block (made on first use), else None."""
-    if _open is None or weight.device.type != "cpu" or not onednn_packs(weight.device, dtype):
+    if _open is None or not onednn_packs(weight.device, dtype):
         return None
     key = (id(weight), dtype)
     if key not in _open:
@@ -62,7 +62,7 @@ def packs_for(weight: torch.Tensor, dtype: torch.dtype) -> Packs | None:
     return _open[key]
 
 
-def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype a product with ``weight`` runs in here: the CPU autocast dtype when it is on, else the weight's."""
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
 
@@ -90,7 +90,7 @@ class _PackedLinear(torch.autograd.Function):
 
 def _linear_forward(module: torch.nn.Linear):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        packs = packs_for(module.weight, compute_dtype(module.weight))
+        packs = packs_for(module.weight, _compute_dtype(module.weight))
         if packs is None:
             return F.linear(x, module.weight, module.bias)
         return _PackedLinear.apply(x, module.weight, module.bias, packs)
