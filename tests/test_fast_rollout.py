@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import build_char_tokenizer, tiny_config
 
+from rlreason import onednn
 from rlreason.models import load_model, load_tokenizer
 from rlreason.rollout.engine import HFEngine, SamplingParams
 from rlreason.rollout.fast import FastEngine, unsupported_reason
-from rlreason.rollout.fast_weights import EngineWeights, onednn_packs
+from rlreason.rollout.fast_weights import EngineWeights
 from rlreason.training.logprobs import completion_logprobs
 
 LOGPROB_ATOL = 1e-4
@@ -99,7 +100,7 @@ def test_cpu_products_read_weights_packed_at_every_call(llama, dtype):
     """On the CPU every projection is multiplied from a oneDNN-packed copy, packed again at each generate: the tokens
     and log-probs of plain products, also after the model's weights change between calls (stale packs would not)."""
     model, tokenizer = llama
-    assert onednn_packs(torch.device("cpu"), dtype)
+    assert onednn.packs(torch.device("cpu"), dtype)
     packed = FastEngine(model, tokenizer, dtype=dtype)
     plain = FastEngine(model, tokenizer, dtype=dtype)
     plain.weights = EngineWeights(model, dtype, own=packed.weights.own, pack=False)

@@ -22,6 +22,7 @@ LAYER_OF = {
     "rlreason.models": "foundation",
     "rlreason.data": "foundation",
     "rlreason.scoring": "foundation",
+    "rlreason.onednn": "foundation",
     "rlreason.rollout": "rollout",
     "rlreason.objective": "objective",
     "rlreason.observe": "observe",

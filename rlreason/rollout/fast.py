@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlreason import onednn
 from rlreason.models import causal_lm
 from rlreason.rollout.engine import (
     Rollout,
@@ -44,7 +45,7 @@ from rlreason.rollout.engine import (
 from rlreason.rollout.fast_graphs import StepRunner
 from rlreason.rollout.fast_ops import TorchOps
 from rlreason.rollout.fast_triton_step import TritonStep
-from rlreason.rollout.fast_weights import EngineWeights, is_sharded, onednn_packs
+from rlreason.rollout.fast_weights import EngineWeights, is_sharded
 from rlreason.rollout.fast_workspace import ModelDims, StepShape, Workspace, round_up
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -118,7 +119,7 @@ class FastEngine:
         # a compute dtype other than the weights' (bf16 on a float32 model's CPU): one cast per call, not per matmul
         recast = self.dtype != next(model.parameters()).dtype
         own = (cuda or sharded or recast) if own_weights is None else own_weights
-        pack = onednn_packs(device, self.dtype) and not sharded  # sharded: packs would be a second full copy
+        pack = onednn.packs(device, self.dtype) and not sharded  # sharded: packs would be a second full copy
         self.weights = EngineWeights(model, self.dtype, own=own or triton, fold_norms=triton, pack=pack)
         self.weight_bytes = self.weights.nbytes()
         self._ws: Workspace | None = None

@@ -7,9 +7,8 @@ Under FSDP2 the model's parameters are DTensor shards: the engine keeps its own 
 every parameter once (``full_tensor``, base weight and adapter factors alike) straight into them, one layer at a
 time; the copies are freed after every generate (``drop``), so no full copy stays between steps.
 
-On the CPU every projection is also packed into oneDNN's blocked layout at each refresh (``linear``): a product with
-a plain weight pays for laying it out again at every call, which for a decode step's few rows costs as much as the
-product itself."""
+On the CPU every projection is also packed into oneDNN's blocked layout at each refresh (``linear``, see
+rlreason.onednn)."""
 
 from __future__ import annotations
 
@@ -21,18 +20,12 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
+from rlreason import onednn
+
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """The model's parameters are FSDP2 shards (DTensors): the engine must gather them into its own copies."""
     return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def onednn_packs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch can pack CPU weights for oneDNN (the ops inductor's CPU backend uses for frozen weights)."""
-    return (
-        device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
 
 
 PACKED_FOR_ROWS = 32
@@ -76,12 +69,12 @@ class EngineWeights:
         packed = self._packed.get(id(weight))
         if packed is None:
             return F.linear(x, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return onednn.linear(x, packed, bias)
 
     def _pack(self) -> None:
         """Every projection (the layers' and the head) in oneDNN's layout, keyed by the tensor it copies."""
         projections = [v for layer in self.layers for v in layer.values() if isinstance(v, tuple)] + [self.lm_head]
-        self._packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(w, PACKED_FOR_ROWS) for w, _ in projections}
+        self._packed = {id(w): onednn.pack(w, PACKED_FOR_ROWS) for w, _ in projections}
 
     def drop(self) -> None:
         """Free the engine's own copies (the next refresh allocates them again)."""

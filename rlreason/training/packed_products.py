@@ -19,7 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from rlreason.rollout.fast_weights import is_sharded, onednn_packs
+from rlreason import onednn
+from rlreason.rollout.fast_weights import is_sharded
 
 
 class Packs(NamedTuple):
@@ -32,11 +33,11 @@ class Packs(NamedTuple):
     def times_transposed(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T + bias, in ``dtype``."""
         bias = None if bias is None else bias.to(self.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.forward, bias, "none", [], "")
+        return onednn.linear(x.to(self.dtype), self.forward, bias)
 
     def times(self, grad: torch.Tensor) -> torch.Tensor:
         """grad @ W, in ``dtype``."""
-        return torch.ops.mkldnn._linear_pointwise(grad.to(self.dtype), self.backward, None, "none", [], "")
+        return onednn.linear(grad.to(self.dtype), self.backward)
 
 
 _open: dict[tuple[int, torch.dtype], Packs] | None = None
@@ -48,15 +49,15 @@ ROWS_HINT = 1024
 
 def packs_for(weight: torch.Tensor, dtype: torch.dtype) -> Packs | None:
     """The packs of ``weight`` in ``dtype`` inside a ``packed_products`` block (made on first use), else None."""
-    if _open is None or not onednn_packs(weight.device, dtype):
+    if _open is None or not onednn.packs(weight.device, dtype):
         return None
     key = (id(weight), dtype)
     if key not in _open:
         with torch.no_grad():
             plain = weight.detach().to(dtype)
             _open[key] = Packs(
-                torch.ops.mkldnn._reorder_linear_weight(plain, ROWS_HINT),
-                torch.ops.mkldnn._reorder_linear_weight(plain.t().contiguous(), ROWS_HINT),
+                onednn.pack(plain, ROWS_HINT),
+                onednn.pack(plain.t().contiguous(), ROWS_HINT),
                 dtype,
             )
     return _open[key]
