@@ -469,3 +469,32 @@ def test_compiled_head_without_entropy_gradient(monkeypatch):
     (expected * w_tok).sum().backward()
     for a, b in zip(ours, [expected.detach(), hidden.grad, weight.grad], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_cpu_autocast_rotates_in_bf16(tmp_path, monkeypatch, shared_prompt):
+    """Under CPU bf16 autocast the rotary tables are bf16 for the lean pass, so the rotation gives bf16 queries
+    and keys (float32 tables would promote them to float32); the log-probs stay within bf16 error of the float32
+    ones, and the model's rotary embedding is left without hooks."""
+    from transformers.models.llama import modeling_llama
+
+    model = _tiny(tmp_path, "llama")
+    batch = _grouped_batch()
+    mask = batch[3].bool()
+    seen, rotate = [], modeling_llama.apply_rotary_pos_emb
+
+    def spy(*args, **kwargs):
+        q, k = rotate(*args, **kwargs)
+        seen.append((q.dtype, k.dtype))
+        return q, k
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", spy)
+    with torch.no_grad():
+        exact, _ = completion_logprobs(model, *batch, shared_prompt=shared_prompt)
+        assert seen and set(seen) == {(torch.float32, torch.float32)}
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded, _ = completion_logprobs(model, *batch, shared_prompt=shared_prompt)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert 0 < (rounded[mask] - exact[mask]).abs().max() < 5e-2
+    assert not model.model.rotary_emb._forward_hooks

@@ -407,12 +407,29 @@ def _final_hidden(model, base, **inputs) -> tuple[torch.Tensor, tuple[bool, torc
         device = seen["hidden"].device.type
         seen["autocast"] = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
 
-    handle = base.register_forward_hook(grab)
+    handles = [base.register_forward_hook(grab)]
+    rotary = getattr(base, "rotary_emb", None)
+    if isinstance(rotary, torch.nn.Module):
+        handles.append(rotary.register_forward_hook(_rotary_tables_in_autocast_dtype))
     try:
         model(**inputs, logits_to_keep=1, use_cache=False)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return seen["hidden"], seen["autocast"]
+
+
+def _rotary_tables_in_autocast_dtype(module, args, output):
+    """On the CPU under autocast, the rotary cos and sin in the autocast dtype, as a bf16 model (and the engine)
+    has them: float32 tables promote the bf16 queries and keys to float32, so every pass of the rotation, of its
+    gradient and of the attention's gathers moves twice the bytes. On a GPU the rotation is a small share of the
+    step and stays as the model computes it."""
+    cos, sin = output
+    device = cos.device.type
+    if device != "cpu" or not torch.is_autocast_enabled(device) or cos.dtype != torch.float32:
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return cos.to(dtype), sin.to(dtype)
 
 
 def _head_logprobs(
