@@ -422,6 +422,30 @@ def test_head_gradient_from_kept_probabilities(autocast, kept, monkeypatch):
         assert ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)) < tol
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_kept_probabilities_give_a_confident_target_its_gradient(temperature):
+    """A target of probability ~0.9997, whose bf16 probability is 1: its logit's gradient g (1 - p) / T still
+    matches float32 autograd (from bf16 probabilities alone it would be 0)."""
+    vocab, tokens = 50, 8
+    hidden = torch.eye(tokens, 16)
+    weight = torch.zeros(vocab, 16)
+    bias = torch.zeros(vocab)
+    bias[0] = 12.0 if temperature == 1.0 else 8.5  # exact in bf16: 1 - p is about 3e-4 either way
+    bias.requires_grad_(True)
+    targets = torch.zeros(tokens, dtype=torch.long)
+    w_tok = torch.linspace(0.5, 1.5, tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = lp_module._head_logprobs(hidden, weight, bias, targets, temperature, entropy_grad=False)[0]
+    (lp * w_tok).sum().backward()
+    ours = bias.grad.clone()
+    bias.grad = None
+    exact = torch.log_softmax((hidden @ weight.T + bias) / temperature, dim=-1)[:, 0]
+    (exact * w_tok).sum().backward()
+    assert bias.grad[0] > 0
+    assert abs(ours[0] / bias.grad[0] - 1) < 2e-2
+    torch.testing.assert_close(ours[1:], bias.grad[1:], rtol=2e-2, atol=1e-7)
+
+
 def test_shared_prompt_rows_use_the_short_attention_with_sdpa(tmp_path, monkeypatch):
     """With sdpa, shared-prompt rows go through ``shared_prompt_attention`` (the prompt, then each completion
     against the prompt and itself) rather than a full row-by-row masked attention, and the model's own attention

@@ -243,10 +243,16 @@ def _chunk_stats_and_probs(
     return token, -(probs * logp).sum(-1), probs.to(logits.dtype)
 
 
-def _kept_probs_logit_grad(probs: torch.Tensor, targets: torch.Tensor, grad_token: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``_chunk_logit_grad`` with no entropy gradient, from the probabilities ``_chunk_stats_and_probs`` kept."""
-    grad = probs.float() * -grad_token.unsqueeze(-1)
-    return _token_grad_added(grad, targets, grad_token, temperature).to(probs.dtype)
+def _kept_probs_logit_grad(
+    probs: torch.Tensor, targets: torch.Tensor, token: torch.Tensor, grad_token: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``_chunk_logit_grad`` with no entropy gradient, from the probabilities ``_chunk_stats_and_probs`` kept, in
+    their dtype. The target's own entry, g (1 - p) / T, comes from its float32 log-probability ``token``: from a
+    bf16 p it would be g (1 - round(p)), and a p above 0.998 rounds to 1."""
+    scale = grad_token / temperature
+    grad = probs * -scale.to(probs.dtype).unsqueeze(-1)
+    own = -torch.expm1(token) * scale
+    return grad.scatter_(-1, targets.unsqueeze(-1), own.to(grad.dtype).unsqueeze(-1))
 
 
 class HeadMath(NamedTuple):
@@ -482,7 +488,7 @@ class _HeadChunk(torch.autograd.Function):
             token, entropy, kept = _chunk_stats_and_probs(logits, targets, temperature)
         else:
             (token, entropy), kept = head_math.stats(logits, targets, temperature), None
-        ctx.save_for_backward(hidden, weight, bias, targets, entropy, kept)
+        ctx.save_for_backward(hidden, weight, bias, targets, entropy, kept, token if keep else None)
         ctx.temperature, ctx.entropy_grad, ctx.head_math, ctx.packs = temperature, entropy_grad, head_math, packs
         if not entropy_grad:
             ctx.mark_non_differentiable(entropy)
@@ -490,9 +496,9 @@ class _HeadChunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_token, grad_entropy):
-        hidden, weight, bias, targets, entropy, kept = ctx.saved_tensors
+        hidden, weight, bias, targets, entropy, kept, token = ctx.saved_tensors
         if kept is not None:
-            grad = _kept_probs_logit_grad(kept, targets, grad_token, ctx.temperature)
+            grad = _kept_probs_logit_grad(kept, targets, token, grad_token, ctx.temperature)
         else:
             grad_entropy = grad_entropy if ctx.entropy_grad else None
             logits = _logits(hidden, weight, bias, ctx.packs)
