@@ -430,7 +430,8 @@ def _rotary_tables_in_autocast_dtype(module, args, output):
     has them: float32 tables promote the bf16 queries and keys to float32, so every pass of the rotation, of its
     gradient and of the attention's gathers moves twice the bytes. On a GPU the rotation is a small share of the
     step and stays as the model computes it."""
-    if not (isinstance(output, tuple) and len(output) == 2 and all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in output)):
+    tables = isinstance(output, tuple) and len(output) == 2
+    if not (tables and all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in output)):
         return None  # not a (cos, sin) pair of float32 tables (complex frequencies, say): left as it is
     device = output[0].device.type
     if device != "cpu" or not torch.is_autocast_enabled(device):
