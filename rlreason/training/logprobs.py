@@ -198,10 +198,8 @@ def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) and the entropy of each row of a chunk's logits, at ``temperature``, in float32."""
-    logp = _log_softmax(logits, temperature)
-    token = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    logp.clamp_(min=EXP_FLOOR)  # in the entropy a term below the floor is ~1e-36 either way
-    return token, -(logp.exp() * logp).sum(-1)
+    token, entropy, _ = _chunk_stats_and_probs(logits, targets, temperature)
+    return token, entropy
 
 
 def _probs(logp: torch.Tensor) -> torch.Tensor:
@@ -236,18 +234,18 @@ def _token_grad_added(grad: torch.Tensor, targets: torch.Tensor, grad_token: tor
 def _chunk_stats_and_probs(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_chunk_stats``, and the probabilities in the logits' dtype, for a backward that need not recompute them."""
+    """``_chunk_stats``, and the float32 probabilities they were computed from (a backward can keep them)."""
     logp = _log_softmax(logits, temperature)
     token = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    probs = logp.clamp_(min=EXP_FLOOR).exp()
-    return token, -(probs * logp).sum(-1), probs.to(logits.dtype)
+    probs = logp.clamp_(min=EXP_FLOOR).exp()  # in the entropy a term below the floor is ~1e-36 either way
+    return token, -(probs * logp).sum(-1), probs
 
 
 def _kept_probs_logit_grad(
     probs: torch.Tensor, targets: torch.Tensor, token: torch.Tensor, grad_token: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """``_chunk_logit_grad`` with no entropy gradient, from the probabilities ``_chunk_stats_and_probs`` kept, in
-    their dtype. The target's own entry, g (1 - p) / T, comes from its float32 log-probability ``token``: from a
+    """``_chunk_logit_grad`` with no entropy gradient, from the probabilities the forward kept (in the logits'
+    dtype), in that dtype. The target's own entry, g (1 - p) / T, comes from its float32 log-probability ``token``: from a
     bf16 p it would be g (1 - round(p)), and a p above 0.998 rounds to 1."""
     scale = grad_token / temperature
     grad = probs * -scale.to(probs.dtype).unsqueeze(-1)
@@ -487,7 +485,8 @@ class _HeadChunk(torch.autograd.Function):
     ):
         logits = _logits(hidden, weight, bias, packs)
         if keep:
-            token, entropy, kept = _chunk_stats_and_probs(logits, targets, temperature)
+            token, entropy, probs = _chunk_stats_and_probs(logits, targets, temperature)
+            kept = probs.to(logits.dtype)
         else:
             (token, entropy), kept = head_math.stats(logits, targets, temperature), None
         ctx.save_for_backward(hidden, weight, bias, targets, entropy, kept, token if keep else None)
@@ -703,9 +702,10 @@ class _MaskedScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         query, key = ctx.saved_tensors
-        grad = grad.flatten(2, 3)
-        grad_query = (grad.to(key.dtype) @ key).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
-        grad_key = (grad.to(query.dtype).transpose(-1, -2) @ query).mul_(ctx.scale) if ctx.needs_input_grad[1] else None
+        for_key = grad.flatten(2, 3).to(key.dtype)
+        for_query = for_key if query.dtype == key.dtype else grad.flatten(2, 3).to(query.dtype)  # one cast, usually
+        grad_query = (for_key @ key).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
+        grad_key = (for_query.transpose(-1, -2) @ query).mul_(ctx.scale) if ctx.needs_input_grad[1] else None
         return grad_query, grad_key, None, None
 
 
