@@ -46,37 +46,6 @@ def time_us(fn, reps: int = 50, replays: int = 10) -> float:
     return start.elapsed_time(end) / (reps * replays) * 1e3
 
 
-def persistent_layers(weights, x, kp, vp, bias, kc, vc, cos, sin, pos0, t, H, Hkv, D, G) -> None:
-    """All layers in one launch (rlreason.rollout.triton_layers) against seven launches a layer, per layer, for
-    each tile shape; the residual is rescaled after each run (one more launch) to stay finite over many replays."""
-    from rlreason.rollout.triton_layers import TILES, DecodeLayers
-
-    stacked = {name: torch.stack(ws) for name, ws in weights.items()}
-    layers = len(weights["qkv"])
-    shapes = [dict(TILES, **change) for change in ({"block_n": 64}, {"block_m": 128}, {"block_k": 64})]
-    def timed(label: str, **options) -> None:
-        try:
-            run = DecodeLayers(stacked, x.shape[0], H, Hkv, D, 1e-5, **options)
-
-            def step() -> None:
-                run(x, kp, vp, bias, kc, vc, cos, sin, pos0, t, G)
-                x.mul_(0.01)
-
-            us = time_us(step, reps=4) / layers
-        except Exception as error:
-            print(f"  {label} {options}: {type(error).__name__}: {error}"[:300], flush=True)
-            return
-        print(f"  {label}, {run.programs} programs, {options}: {us:.1f} us a layer", flush=True)
-
-    for per_sm in (1, 2, 4):
-        timed("persistent layers", per_sm=per_sm)
-    for tiles in shapes:
-        timed("persistent layers", **tiles)
-    for stages in ((), (1,), (2,), (3,), (4,), (5,)):
-        timed("only stages", skip=tuple(s for s in range(1, 6) if s not in stages))
-    timed("barriers only", skip=(1, 2, 3, 4, 5), per_sm=1)
-
-
 def main() -> None:
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
@@ -145,8 +114,6 @@ def main() -> None:
         residual.mul_(0.01)  # keeps the stream finite over many replays (one more small launch)
 
     print(f"one layer (7 launches, plus one to keep it finite) at step 128: {per_layer(layer):.1f} us")
-    if "--layers" in sys.argv:
-        persistent_layers(weights, residual, kp, vp, bias, kc, vc, cos, sin, pos0, t, H, Hkv, D, G)
 
     logits = torch.randn(R, vocab, device=dev, dtype=dt) * 3
     seeds, t = torch.arange(R, device=dev), torch.tensor(5, device=dev)

@@ -107,49 +107,6 @@ def test_rope_cache_and_attention_against_plain_math(qk_norm, with_bias):
         torch.testing.assert_close(out[r], expected, atol=1e-5, rtol=1e-5)
 
 
-def _seven_launch_layers(x, w, kp, vp, bias, kc, vc, cos, sin, pos0, t, eps, H, Hkv, D, G):
-    """TritonStep's layers: four products and the kernels of triton_decode, layer after layer."""
-    F = torch.nn.functional
-    for i in range(w["qkv"].shape[0]):
-        q = K.rope_and_cache(F.linear(x, w["qkv"][i]), x, None, cos, sin, pos0, t, kc[i], vc[i], None, None, eps,
-                             H, Hkv, D, G)
-        x.addmm_(K.decode_attention(q, kp[i], vp[i], bias, kc[i], vc[i], t, G), w["o"][i].t())
-        x.addmm_(K.silu_mul(F.linear(x, w["gate_up"][i]), x, None, eps), w["down"][i].t())
-
-
-@pytest.mark.usefixtures("on_device")
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    DEVICE == "cpu", reason="the interpreter's bf16 tl.dot is wrong (Triton 3.6)"))])
-def test_persistent_layers_match_the_seven_launch_step(dtype):
-    """rlreason.rollout.triton_layers against TritonStep's layers: the residual stream and the caches. Under the
-    interpreter the stages run one launch at a time; on a GPU in one launch, meeting at grid barriers."""
-    from rlreason.rollout.triton_layers import DecodeLayers
-
-    torch.manual_seed(0)
-    L, Pp, G, H, Hkv, D, E, inter, Wp, Wc, t = 3, 2, 3, 4, 2, 16, 80, 72, 7, 9, 5
-    R = Pp * G
-    w = {"qkv": torch.randn(L, (H + 2 * Hkv) * D, E) / E**0.5, "o": torch.randn(L, E, H * D) / (H * D) ** 0.5,
-         "gate_up": torch.randn(L, 2 * inter, E) / E**0.5, "down": torch.randn(L, E, inter) / inter**0.5}
-    w = {k: v.to(dtype) for k, v in w.items()}
-    angles = torch.arange(40).float()[:, None] * torch.rand(D // 2)[None, :]
-    cos = torch.cat([angles.cos()] * 2, -1).to(dtype)
-    sin = torch.cat([-angles.sin(), angles.sin()], -1).to(dtype)
-    pos0, tt = torch.tensor([3, 3, 3, 6, 6, 6]), torch.tensor(t)
-    kp, vp = torch.randn(L, Pp, Hkv, Wp, D).to(dtype), torch.randn(L, Pp, Hkv, Wp, D).to(dtype)
-    kc, vc = torch.randn(L, Pp, Hkv, G, Wc, D).to(dtype), torch.randn(L, Pp, Hkv, G, Wc, D).to(dtype)
-    bias = torch.zeros(Pp, Wp)
-    bias[0, :2] = float("-inf")
-    x = (torch.randn(R, E) * 3).to(dtype)
-    expected, kc_ref, vc_ref = x.clone(), kc.clone(), vc.clone()
-    _seven_launch_layers(expected, w, kp, vp, bias, kc_ref, vc_ref, cos, sin, pos0, tt, 1e-6, H, Hkv, D, G)
-    layers = DecodeLayers(w, R, H, Hkv, D, 1e-6, staged=DEVICE == "cpu")
-    layers(x, kp, vp, bias, kc, vc, cos, sin, pos0, tt, G)
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=2e-2)
-    torch.testing.assert_close(x, expected, **tol)
-    torch.testing.assert_close(kc, kc_ref, **tol)
-    torch.testing.assert_close(vc, vc_ref, **tol)
-
-
 @pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("dtype,temperature,banned", [(torch.float32, 1.0, False), (torch.bfloat16, 0.7, True)])
 def test_sample_and_record_is_the_seeded_draw(dtype, temperature, banned):

@@ -138,33 +138,6 @@ def _attend_block(q, k, v, s_bias, m_i, l_i, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _attend(q, kp, vp, bias, kc, vc, t, s_kp_s, s_kc_s, REP_PAD: tl.constexpr, D: tl.constexpr,
-            BLOCK_N: tl.constexpr, Wp: tl.constexpr, IEEE: tl.constexpr):
-    """Queries q [REP_PAD, D] (pre-scaled) against a prompt's keys/values at kp/vp (``bias``: 0 or -inf per prompt
-    position) and then a row's own completion at kc/vc up to slot t - 1: the attention output [REP_PAD, D] (float32)."""
-    d = tl.arange(0, D)
-    n = tl.arange(0, BLOCK_N)
-    m_i = tl.full([REP_PAD], -1.0e30, tl.float32)  # finite: a block with every key masked leaves the state as is
-    l_i = tl.zeros([REP_PAD], tl.float32)
-    acc = tl.zeros([REP_PAD, D], tl.float32)
-    for start in tl.range(0, Wp, BLOCK_N):  # the group's prompt, shared by its rows
-        cols = start + n
-        inside = cols < Wp
-        k = tl.load(kp + cols[:, None] * s_kp_s + d[None, :], mask=inside[:, None], other=0.0)
-        v = tl.load(vp + cols[:, None] * s_kp_s + d[None, :], mask=inside[:, None], other=0.0)
-        s_bias = tl.load(bias + cols, mask=inside, other=float("-inf"))
-        m_i, l_i, acc = _attend_block(q, k, v, s_bias, m_i, l_i, acc, IEEE)
-    for start in tl.range(0, t, BLOCK_N):  # this row's own completion so far (t read on the device)
-        cols = start + n
-        inside = cols < t
-        k = tl.load(kc + cols[:, None] * s_kc_s + d[None, :], mask=inside[:, None], other=0.0)
-        v = tl.load(vc + cols[:, None] * s_kc_s + d[None, :], mask=inside[:, None], other=0.0)
-        s_bias = tl.where(inside, 0.0, float("-inf"))
-        m_i, l_i, acc = _attend_block(q, k, v, s_bias, m_i, l_i, acc, IEEE)
-    return acc / l_i[:, None]
-
-
-@triton.jit
 def _decode_attention_kernel(
     Q, KP, VP, BIAS, KC, VC, T, OUT, G,
     s_kp_p, s_kp_h, s_kp_s, s_bias, s_kc_p, s_kc_h, s_kc_g, s_kc_s,
@@ -175,14 +148,33 @@ def _decode_attention_kernel(
     h = tl.program_id(1)  # kv head
     p = r // G
     g = r % G
+    t = tl.load(T)  # completion slots 0 .. t - 1 are filled
     m = tl.arange(0, REP_PAD)
     d = tl.arange(0, D)
+    n = tl.arange(0, BLOCK_N)
     q = tl.load(Q + (r * H + h * REP + m[:, None]) * D + d[None, :], mask=m[:, None] < REP, other=0.0)
-    out = _attend(
-        q, KP + p * s_kp_p + h * s_kp_h, VP + p * s_kp_p + h * s_kp_h, BIAS + p * s_bias,
-        KC + p * s_kc_p + h * s_kc_h + g * s_kc_g, VC + p * s_kc_p + h * s_kc_h + g * s_kc_g, tl.load(T),
-        s_kp_s, s_kc_s, REP_PAD, D, BLOCK_N, Wp, IEEE,
-    )
+    m_i = tl.full([REP_PAD], -1.0e30, tl.float32)  # finite: a block with every key masked leaves the state as is
+    l_i = tl.zeros([REP_PAD], tl.float32)
+    acc = tl.zeros([REP_PAD, D], tl.float32)
+    kp = KP + p * s_kp_p + h * s_kp_h
+    vp = VP + p * s_kp_p + h * s_kp_h
+    for start in tl.range(0, Wp, BLOCK_N):  # the group's prompt, shared by its rows
+        cols = start + n
+        inside = cols < Wp
+        k = tl.load(kp + cols[:, None] * s_kp_s + d[None, :], mask=inside[:, None], other=0.0)
+        v = tl.load(vp + cols[:, None] * s_kp_s + d[None, :], mask=inside[:, None], other=0.0)
+        bias = tl.load(BIAS + p * s_bias + cols, mask=inside, other=float("-inf"))
+        m_i, l_i, acc = _attend_block(q, k, v, bias, m_i, l_i, acc, IEEE)
+    kc = KC + p * s_kc_p + h * s_kc_h + g * s_kc_g
+    vc = VC + p * s_kc_p + h * s_kc_h + g * s_kc_g
+    for start in tl.range(0, t, BLOCK_N):  # this row's own completion so far (t read on the device)
+        cols = start + n
+        inside = cols < t
+        k = tl.load(kc + cols[:, None] * s_kc_s + d[None, :], mask=inside[:, None], other=0.0)
+        v = tl.load(vc + cols[:, None] * s_kc_s + d[None, :], mask=inside[:, None], other=0.0)
+        bias = tl.where(inside, 0.0, float("-inf"))
+        m_i, l_i, acc = _attend_block(q, k, v, bias, m_i, l_i, acc, IEEE)
+    out = acc / l_i[:, None]
     tl.store(OUT + (r * H + h * REP + m[:, None]) * D + d[None, :], out.to(OUT.dtype.element_ty), mask=m[:, None] < REP)
 
 
