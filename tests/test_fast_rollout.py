@@ -81,6 +81,25 @@ def test_greedy_equals_reference(model_and_tokenizer):
     _same(folded.generate(_prompts(tokenizer), 2, params), reference)
 
 
+def test_a_cpu_without_bf16_packs_multiplies_plain_weights(llama, monkeypatch):
+    """oneDNN packs bf16 only on some CPUs (AVX-512 or AVX-NE-CONVERT) and raises elsewhere: the engine then
+    multiplies plain weights instead of failing at its first generate."""
+    model, tokenizer = llama
+
+    def no_bf16(weight, rows):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
+
+    onednn._cpu_packs.cache_clear()
+    monkeypatch.setattr(onednn, "pack", no_bf16)
+    try:
+        assert not onednn.packs(torch.device("cpu"), torch.bfloat16)
+        engine = FastEngine(model, tokenizer, dtype=torch.bfloat16)
+        out = engine.generate(_prompts(tokenizer), 2, SamplingParams(max_new_tokens=6), seeds=list(range(6)))
+        assert not engine.weights._packed and out.completion_ids.shape[0] == 6
+    finally:
+        onednn._cpu_packs.cache_clear()
+
+
 def test_bf16_on_a_float32_model_computes_from_its_own_copies(llama):
     """Computing in bf16 on a float32 model (the CPU's bf16 path) keeps bf16 copies, cast once a call rather than
     at every matrix product: the same tokens as casting the model's own weights each time. Attention reads a float32
@@ -98,14 +117,16 @@ def test_bf16_on_a_float32_model_computes_from_its_own_copies(llama):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_products_read_weights_packed_at_every_call(llama, dtype):
     """On the CPU every projection is multiplied from a oneDNN-packed copy, packed again at each generate: the tokens
-    and log-probs of plain products, also after the model's weights change between calls (stale packs would not)."""
+    and log-probs of plain products, also after the model's weights change between calls (stale packs would not).
+    On a CPU that cannot pack bf16 both engines multiply plain weights."""
     model, tokenizer = llama
-    assert onednn.packs(torch.device("cpu"), dtype)
+    packs = onednn.packs(torch.device("cpu"), dtype)
+    assert packs or dtype == torch.bfloat16  # float32 packs on every x86 CPU
     packed = FastEngine(model, tokenizer, dtype=dtype)
     plain = FastEngine(model, tokenizer, dtype=dtype)
     plain.weights = EngineWeights(model, dtype, own=packed.weights.own, pack=False)
     # each layer's qkv, o, gate_up and down in the engine's own copies (else q, k, v, o, gate, up, down), and the head
-    projections = (4 if packed.weights.own else 7) * len(model.model.layers) + 1
+    projections = ((4 if packed.weights.own else 7) * len(model.model.layers) + 1) if packs else 0
     params, seeds = SamplingParams(max_new_tokens=12, temperature=0.9), list(range(6))
     original = [p.detach().clone() for p in model.parameters()]
     try:
