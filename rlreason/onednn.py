@@ -11,17 +11,18 @@ import torch
 
 def packs(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this torch, on this CPU, can pack weights of ``dtype`` on ``device`` (the CPU, float32 or bf16)."""
-    return (
-        device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        and _cpu_packs(dtype)
-    )
+    return device.type == "cpu" and _cpu_packs(dtype)
 
 
 @functools.cache
 def _cpu_packs(dtype: torch.dtype) -> bool:
-    """oneDNN packs bf16 only on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere it raises at the first
-    pack, so one small pack tells."""
+    """Asked once per dtype: oneDNN packs bf16 only on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and
+    elsewhere raises at the first pack, so one small pack tells."""
+    if not (
+        dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    ):
+        return False
     try:
         pack(torch.ones(16, 16, dtype=dtype), 1)
     except RuntimeError:

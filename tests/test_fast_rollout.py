@@ -121,7 +121,7 @@ def test_cpu_products_read_weights_packed_at_every_call(llama, dtype):
     On a CPU that cannot pack bf16 both engines multiply plain weights."""
     model, tokenizer = llama
     packs = onednn.packs(torch.device("cpu"), dtype)
-    assert packs or dtype == torch.bfloat16  # float32 packs on every x86 CPU
+    assert packs or dtype == torch.bfloat16  # only bf16 packing depends on the CPU's instructions
     packed = FastEngine(model, tokenizer, dtype=dtype)
     plain = FastEngine(model, tokenizer, dtype=dtype)
     plain.weights = EngineWeights(model, dtype, own=packed.weights.own, pack=False)
