@@ -245,6 +245,10 @@ class SFTConfig:
     """Tokens per packed row; 0: the step's longest conversation, so rows are never wider than padded ones and a packed
     step never costs more than a padded one (attention without varlen kernels is quadratic in the row width). A
     conversation longer than a row gets a row of its own (nothing is cut)."""
+    shared_prefix: bool = True
+    """When a step's conversations all begin with the same tokens (a system prompt), compute them once: each
+    conversation's rest attends that one copy. Taken only when it computes fewer tokens than the packed or padded
+    rows, and only for models whose logits are a plain linear head; the loss is the same to float error."""
 
 
 @dataclass

@@ -11,7 +11,7 @@ from conftest import build_char_tokenizer, tiny_config
 from rlreason import onednn
 from rlreason.models import load_model, load_tokenizer
 from rlreason.rollout.engine import HFEngine, SamplingParams
-from rlreason.rollout.fast import FastEngine, unsupported_reason
+from rlreason.rollout.fast import FastEngine, shared_prefix, unsupported_reason
 from rlreason.rollout.fast_weights import EngineWeights
 from rlreason.training.logprobs import completion_logprobs
 
@@ -57,6 +57,12 @@ def llama(tmp_path_factory):
 def _prompts(tokenizer):
     texts = ["What is 2 + 3?", "hi", "A longer prompt, with more tokens in it."]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _system_prompts(tokenizer):
+    """The same prompts after a common system text, which the engine prefills once for all of them."""
+    system = tokenizer("You are terse. Answer: ", add_special_tokens=False)["input_ids"]
+    return [system + p for p in _prompts(tokenizer)]
 
 
 def _same(a, b):
@@ -168,6 +174,32 @@ def test_logprobs_match_a_fresh_forward_pass(model_and_tokenizer):
     mask = rollout.completion_mask.bool()
     assert rollout.logprobs.shape == rollout.completion_ids.shape
     assert (rollout.logprobs[~mask] == 0).all()
+    torch.testing.assert_close(rollout.logprobs[mask], fresh[mask], atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_shared_prefix_leaves_every_prompt_its_last_token():
+    assert shared_prefix([[1, 2, 3]]) == 0
+    assert shared_prefix([[1, 2, 3], [1, 2, 4]]) == 2
+    assert shared_prefix([[1, 2], [1, 2, 5, 6]]) == 1  # the shorter prompt keeps its last token
+    assert shared_prefix([[7, 2], [1, 2]]) == 0
+
+
+def test_a_common_prefix_computed_once_gives_the_reference_tokens_and_logprobs(model_and_tokenizer):
+    """Greedy tokens equal HFEngine's, which runs every prompt whole; seeded samples equal it too; logprobs match a
+    fresh forward pass. The prompts have different lengths, so the suffixes are left-padded after the prefix."""
+    model, tokenizer = model_and_tokenizer
+    prompts = _system_prompts(tokenizer)
+    assert shared_prefix(prompts) >= 10
+    greedy = SamplingParams(max_new_tokens=16, greedy=True)
+    _same(FastEngine(model, tokenizer).generate(prompts, 2, greedy), HFEngine(model, tokenizer).generate(prompts, 2, greedy))
+    params, seeds = SamplingParams(max_new_tokens=20, temperature=0.8), list(range(9))
+    rollout = FastEngine(model, tokenizer, check_every=2).generate(prompts, 3, params, seeds=seeds)
+    _same(rollout, HFEngine(model, tokenizer).generate(prompts, 3, params, seeds=seeds))
+    with torch.no_grad():
+        fresh, _ = completion_logprobs(
+            model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, temperature=0.8
+        )
+    mask = rollout.completion_mask.bool()
     torch.testing.assert_close(rollout.logprobs[mask], fresh[mask], atol=LOGPROB_ATOL, rtol=0)
 
 

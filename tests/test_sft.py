@@ -1,6 +1,7 @@
 """The cold start: loss only on the assistant's answer, packing equals padding, and SFT learns the traces."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from conftest import make_tiny_model
 import rlreason.training.logprobs as lp_module
 from rlreason.config import SFTConfig
 from rlreason.models import load_model, load_tokenizer
+from rlreason.training.logprobs import LogprobInputs
 from rlreason.training.sft import (
     IGNORE,
     collate,
@@ -17,6 +19,9 @@ from rlreason.training.sft import (
     load_chat_jsonl,
     pack_rows,
     run_sft,
+    shared_prefix_inputs,
+    shared_prefix_length,
+    step_inputs,
     supervised_loss,
 )
 from tasks.prompts import chat
@@ -98,3 +103,40 @@ def test_lean_supervised_loss_equals_the_models_own(tmp_path, arch, pack, monkey
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
     shifted = {**inputs, "labels": torch.roll(inputs["labels"], 1, dims=1)}
     assert not torch.allclose(supervised_loss(model, shifted), losses[1], rtol=0, atol=1e-3), "the check must be able to fail"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_shared_prefix_loss_and_gradients_equal_the_padded_ones(tmp_path, arch):
+    """A step's common system prompt computed once: the same loss and gradients as every conversation in full."""
+    model_dir = make_tiny_model(tmp_path, arch)
+    tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
+    conversations = [[*chat(f"{a}+{7 * a}?"), {"role": "assistant", "content": "z" * a * a + f"<answer>{8 * a}</answer>"}] for a in range(1, 6)]
+    examples = [encode_conversation(tokenizer, m) for m in conversations]
+    padded = collate(examples, tokenizer.pad_token_id)
+    shared = step_inputs(examples, tokenizer.pad_token_id, SFTConfig(pack=False))
+    assert isinstance(shared, LogprobInputs)
+    prefix = shared_prefix_length(examples)
+    assert prefix > 0 and shared.input_ids.numel() < padded["input_ids"].numel()
+    assert len(shared.targets) == int((padded["labels"] != IGNORE).sum())  # the head only where a label is predicted
+    losses, grads = [], []
+    for inputs in (padded, shared):
+        model.zero_grad()
+        loss = supervised_loss(model, inputs)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(losses[0], losses[1], rtol=0, atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    unshared = SFTConfig(pack=False, shared_prefix=False)
+    assert not isinstance(step_inputs(examples, tokenizer.pad_token_id, unshared), LogprobInputs)
+    restarted = shared.position_ids - prefix * (shared.shared.segment > 0)  # each rest's positions from 0: wrong
+    wrong = supervised_loss(model, replace(shared, position_ids=restarted))
+    assert not torch.allclose(wrong, losses[0], rtol=0, atol=1e-5), "the check must be able to fail"
+
+
+def test_shared_prefix_stops_at_the_first_label_and_needs_a_saving():
+    examples = [([1, 2, 3, 4, 5], [IGNORE, IGNORE, 3, 4, 5]), ([1, 2, 3, 9], [IGNORE, IGNORE, IGNORE, 9])]
+    assert shared_prefix_length(examples) == 2  # 3 is a label of the first: a shared copy would count it once
+    assert shared_prefix_length([([1, 2], [IGNORE, 2]), ([7, 2], [IGNORE, 2])]) == 0
+    assert shared_prefix_inputs(examples, 0, rows_tokens=2 + 3 + 2) is None  # no fewer tokens than the rows
+    assert shared_prefix_inputs(examples, 0, rows_tokens=8) is not None

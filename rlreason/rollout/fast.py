@@ -3,7 +3,8 @@
 Same interface and, for the same seeds, the same completions as ``HFEngine`` (the reference; tests say so), but:
 
 - each prompt is prefilled once; its keys and values are stored once and read by all n completions of its group
-  (the group's queries attend the shared prompt cache, then each row its own completion cache);
+  (the group's queries attend the shared prompt cache, then each row its own completion cache); the prompts' common
+  prefix (a system prompt) is computed once for all of them;
 - a static KV cache; on CUDA each decode step (the whole forward, sampling and bookkeeping) is captured in a CUDA
   graph, so a step costs one graph launch. With Triton (``kernels="triton"``, the default on CUDA when it is
   installed) the step is seven launches a layer (rlreason.rollout.triton_decode: the norms folded into the weights, the
@@ -177,11 +178,13 @@ class FastEngine:
         self.last_stats = {}
         self.weights.refresh()
         ws = self._workspace(P, n, max(len(p) for p in prompt_ids), sampling.max_new_tokens)
-        ids, mask = left_pad(prompt_ids, self.tokenizer.pad_token_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        shared = shared_prefix(prompt_ids)
+        ids, mask = left_pad([p[shared:] for p in prompt_ids], self.tokenizer.pad_token_id)
+        prefix = torch.tensor(prompt_ids[0][:shared], dtype=torch.long).expand(P, -1)
+        ids, mask = torch.cat([prefix, ids], dim=1).to(self.device), torch.cat([torch.ones_like(prefix), mask], dim=1).to(self.device)
         group = torch.arange(N, device=self.device) // n
         ws.load(mask, group, seeds, self.tokenizer.pad_token_id)
-        self._first_tokens(ws, ids, mask, group, sampling)
+        self._first_tokens(ws, ids, mask, group, sampling, shared)
         prefilled = time.perf_counter()
         shape = StepShape(compacted=False, rows=N, prompts=P, group=n, width=0)
         t, steps, row_steps = self._decode(ws, shape, sampling)
@@ -211,11 +214,12 @@ class FastEngine:
             raise ValueError(f"prompt + completion ({width + max_new_tokens} tokens) exceed the sliding window ({self.window})")
 
     def _first_tokens(
-        self, ws: Workspace, ids: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, sampling: SamplingParams
+        self, ws: Workspace, ids: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, sampling: SamplingParams, shared: int
     ) -> None:
-        """Prefill each prompt once and draw every row's first token from its prompt's last logits."""
+        """Prefill each prompt once (their common prefix once for all) and draw every row's first token from its
+        prompt's last logits."""
         N = group.numel()
-        logits = self.ops.prefill(ws, self.weights, ids, mask)[group]
+        logits = self.ops.prefill(ws, self.weights, ids, mask, shared)[group]
         tokens, logprobs = self.ops.sample(logits, ws.seeds, ws.t, sampling)
         ws.out_tokens[:N, 0], ws.out_logprobs[:N, 0] = tokens, logprobs
         ws.tokens.copy_(tokens)
@@ -274,6 +278,19 @@ class FastEngine:
             truncated=truncated,
             logprobs=logprobs,
         )
+
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """The tokens all of several prompts begin with, leaving each at least its last token (the one whose logits
+    draw the first completion token); 0 for a single prompt."""
+    if len(prompts) < 2:
+        return 0
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    length = 0
+    while length < limit and all(p[length] == first[length] for p in prompts):
+        length += 1
+    return length
 
 
 def _triton_available() -> bool:

@@ -91,34 +91,47 @@ class TorchOps:
 
     # ------------------------------------------------------------------ prefill: each prompt once
 
-    def prefill(self, ws: Workspace, weights: EngineWeights, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Run the P left-padded prompts, fill the prompt cache, return the last position's logits [P, V] (float32)."""
+    def prefill(
+        self, ws: Workspace, weights: EngineWeights, ids: torch.Tensor, mask: torch.Tensor, shared: int = 0
+    ) -> torch.Tensor:
+        """Run the P prompts, fill the prompt cache, return the last position's logits [P, V] (float32).
+
+        The first ``shared`` columns are the same tokens in every row (the prompts' common prefix: a system prompt)
+        and are computed once; the rest of each prompt is left-padded after them and attends that one copy."""
         P, W = ids.shape
+        S = W - shared
         H, Hkv, D = self.dims.num_heads, self.dims.num_kv_heads, self.dims.head_dim
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cos, sin = ws.cos[positions].unsqueeze(1), ws.sin[positions].unsqueeze(1)  # [P, 1, W, D]
-        causal = torch.ones(W, W, dtype=torch.bool, device=self.device).tril()
+        cos_pre, sin_pre, cos, sin = cos[:1, :, :shared], sin[:1, :, :shared], cos[:, :, shared:], sin[:, :, shared:]
+        causal = torch.ones(S, S, dtype=torch.bool, device=self.device).tril()
         # a padding query attends itself only, so no row of the mask is empty (an empty row gives NaN)
-        allowed = (causal & mask.bool()[:, None, :]) | torch.eye(W, dtype=torch.bool, device=self.device)
-        allowed = allowed.unsqueeze(1)  # [P, 1, W, W]
-        x = F.embedding(ids, weights.embed)
+        own = (causal & mask.bool()[:, None, shared:]) | torch.eye(S, dtype=torch.bool, device=self.device)
+        allowed = torch.cat([own.new_ones(P, S, shared), own], dim=2).unsqueeze(1)  # [P, 1, S, shared + S]
+        x = F.embedding(torch.cat([ids[0, :shared], ids[:, shared:].flatten()]), weights.embed)  # prefix, then rows
         for i, layer in enumerate(weights.layers):
-            h = self.rms(x, layer["ln1"])
-            q, k, v = self.project(h, layer, weights)
-            q = q.view(P, W, H, D).transpose(1, 2)
-            k = k.view(P, W, Hkv, D).transpose(1, 2)
-            v = v.view(P, W, Hkv, D).transpose(1, 2)
+            q, k, v = self.project(self.rms(x, layer["ln1"]), layer, weights)
+            qs, ks, vs = (t[shared:].view(P, S, h, D).transpose(1, 2) for t, h in ((q, H), (k, Hkv), (v, Hkv)))
+            qp, kp, vp = (t[:shared].view(1, shared, h, D).transpose(1, 2) for t, h in ((q, H), (k, Hkv), (v, Hkv)))
             if layer["q_norm"] is not None:
-                q, k = self.rms(q, layer["q_norm"]), self.rms(k, layer["k_norm"])
-            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
-            ws.kp[i, :, :, :W].copy_(k)
-            ws.vp[i, :, :, :W].copy_(v)
+                qs, ks = self.rms(qs, layer["q_norm"]), self.rms(ks, layer["k_norm"])
+                qp, kp = self.rms(qp, layer["q_norm"]), self.rms(kp, layer["k_norm"])
+            qs, ks, qp, kp = self.rotate(qs, cos, sin), self.rotate(ks, cos, sin), self.rotate(qp, cos_pre, sin_pre), self.rotate(kp, cos_pre, sin_pre)
+            ws.kp[i, :, :, :shared].copy_(kp.expand(P, -1, -1, -1))
+            ws.vp[i, :, :, :shared].copy_(vp.expand(P, -1, -1, -1))
+            ws.kp[i, :, :, shared:W].copy_(ks)
+            ws.vp[i, :, :, shared:W].copy_(vs)
+            keys, values = torch.cat([kp.expand(P, -1, -1, -1), ks], dim=2), torch.cat([vp.expand(P, -1, -1, -1), vs], dim=2)
             if Hkv != H:
-                k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-            x = x + weights.linear(attn.transpose(1, 2).reshape(P, W, H * D), layer["o"])
+                keys, values = keys.repeat_interleave(H // Hkv, dim=1), values.repeat_interleave(H // Hkv, dim=1)
+                kp, vp = kp.repeat_interleave(H // Hkv, dim=1), vp.repeat_interleave(H // Hkv, dim=1)
+            rows = F.scaled_dot_product_attention(qs, keys, values, attn_mask=allowed).transpose(1, 2).reshape(P * S, H * D)
+            if shared:
+                prefix = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True).transpose(1, 2).reshape(shared, H * D)
+                rows = torch.cat([prefix, rows])
+            x = x + weights.linear(rows, layer["o"])
             x = x + self.mlp(self.rms(x, layer["ln2"]), layer, weights)
-        last = self.rms(x[:, -1], weights.norm)
+        last = self.rms(x[shared:].view(P, S, x.shape[-1])[:, -1], weights.norm)
         return weights.linear(last, weights.lm_head).float()
 
     # ------------------------------------------------------------------ sampling

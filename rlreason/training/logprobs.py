@@ -284,6 +284,14 @@ def _lean_parts(model) -> tuple[PreTrainedModel, torch.nn.Module | None, torch.n
     return inner, base, head
 
 
+def can_share_prompts(model: PreTrainedModel) -> bool:
+    """Whether ``logprobs_from_inputs`` takes shared-prompt inputs for this model: a Linear head, and attention it
+    can lay out as a tree (sdpa or eager)."""
+    inner, _, head = _lean_parts(model)
+    implementation = getattr(inner.config, "_attn_implementation", "sdpa")
+    return head is not None and implementation in ("sdpa", "eager", SHARED_PROMPT_ATTENTION)
+
+
 def logprobs_from_inputs(
     model: PreTrainedModel, inputs: LogprobInputs, temperature: float = 1.0, entropy_grad: bool = False, head_math: HeadMath = EAGER_HEAD
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,11 +7,16 @@ the prompt is tokenized exactly as the rollout tokenizes it, so what SFT teaches
 Packing (``sft.pack``) lays a step's conversations end to end instead of padding each to the longest. Position ids
 restart at every conversation and no attention mask is passed, which makes transformers' attention block-diagonal
 (its packed-sequence masks), so the loss is the padded path's up to float error; tests/test_sft.py checks that.
+
+A step whose conversations all begin with the same tokens (a system prompt: most of a cold start's short traces)
+computes that prefix once (``sft.shared_prefix``), in the tree layout GRPO's ``train.shared_prompt`` uses for a
+group's prompt: each conversation's rest attends the prefix and itself.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from rlreason.data import PromptStream
-from rlreason.training.logprobs import labelled_logprobs
+from rlreason.training.logprobs import (
+    LogprobInputs,
+    can_share_prompts,
+    labelled_logprobs,
+    logprob_inputs,
+    logprobs_from_inputs,
+)
 from rlreason.training.packed_products import packed_products
 from rlreason.training.setup import adamw
 from tasks.environments import Environment, step_all
@@ -187,9 +198,60 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, pack_lengt
     return _collate(examples, pad_id) if pack_length is None else _collate_packed(examples, pack_length, pad_id)
 
 
-def supervised_loss(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def shared_prefix_length(examples: list[tuple[list[int], list[int]]]) -> int:
+    """The tokens every example begins with, up to the first label of any (a label inside the prefix would be one
+    target standing for several)."""
+    first = min(next((i for i, label in enumerate(labels) if label != IGNORE), len(labels)) for _, labels in examples)
+    reference = examples[0][0]
+    length = 0
+    while length < first and all(ids[length] == reference[length] for ids, _ in examples):
+        length += 1
+    return length
+
+
+def shared_prefix_inputs(examples: list[tuple[list[int], list[int]]], pad_id: int, rows_tokens: int) -> LogprobInputs | None:
+    """The step's labels as ``logprob_inputs`` of one shared prompt (the common prefix) and each example's rest as
+    its completion, with the head only on the labelled tokens; None when that computes no fewer tokens than the
+    ``rows_tokens`` of the padded or packed rows."""
+    prefix = shared_prefix_length(examples)
+    rests = [(ids[prefix:], labels[prefix:]) for ids, labels in examples]
+    if prefix == 0 or prefix + sum(len(ids) for ids, _ in rests) >= rows_tokens:
+        return None
+    width = max(len(ids) for ids, _ in rests)
+    completion_ids = torch.full((len(rests), width), pad_id)
+    completion_mask = torch.zeros((len(rests), width), dtype=torch.long)
+    labelled = torch.zeros((len(rests), width), dtype=torch.bool)
+    for row, (ids, labels) in enumerate(rests):
+        completion_ids[row, : len(ids)], completion_mask[row, : len(ids)] = torch.tensor(ids), 1
+        labelled[row, : len(ids)] = torch.tensor(labels) != IGNORE
+    prompt_ids = torch.tensor(examples[0][0][:prefix]).expand(len(rests), -1)
+    inputs = logprob_inputs(
+        prompt_ids, torch.ones_like(prompt_ids), completion_ids, completion_mask, shared_prompt=True, loss_mask=labelled
+    )
+    keep = labelled[completion_mask.bool()]  # the head runs only where a label is predicted
+    return replace(
+        inputs, hidden_rows=inputs.hidden_rows[keep], hidden_cols=inputs.hidden_cols[keep], targets=inputs.targets[keep],
+        out_rows=inputs.out_rows[keep], out_cols=inputs.out_cols[keep],
+    )
+
+
+def step_inputs(
+    examples: list[tuple[list[int], list[int]]], pad_id: int, config: Any, share: bool = True
+) -> dict[str, torch.Tensor] | LogprobInputs:
+    """One step's inputs for ``supervised_loss``: the shared-prefix layout when ``config.shared_prefix`` and
+    ``share`` (the model can take it: ``can_share_prompts``) and it computes fewer tokens, else ``collate``'s packed
+    or padded rows."""
+    rows = collate(examples, pad_id, config.pack_length if config.pack else None)
+    if not (config.shared_prefix and share):
+        return rows
+    return shared_prefix_inputs(examples, pad_id, rows["input_ids"].numel()) or rows
+
+
+def supervised_loss(model: Any, inputs: dict[str, torch.Tensor] | LogprobInputs) -> torch.Tensor:
     """The mean negative log-likelihood of the labels (the model's own loss), computed the lean way: the head only
-    where a label is predicted (``labelled_logprobs``)."""
+    where a label is predicted (``labelled_logprobs``, or the shared-prefix layout's ``logprobs_from_inputs``)."""
+    if isinstance(inputs, LogprobInputs):
+        return -logprobs_from_inputs(model, inputs)[0][inputs.trained_mask.bool()].mean()
     logprobs = labelled_logprobs(model, inputs["input_ids"], inputs["labels"], inputs.get("position_ids"), IGNORE)
     if logprobs is None:
         return model(**inputs, use_cache=False).loss
@@ -205,20 +267,22 @@ def run_sft(
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """``config.steps`` AdamW steps of ``config.batch_size`` conversations (packed when ``config.pack``);
-    returns the loss per step."""
+    """``config.steps`` AdamW steps of ``config.batch_size`` conversations (``step_inputs``); returns the loss per
+    step."""
     examples = [encode_conversation(tokenizer, m) for m in conversations]
     optimizer = accelerator.prepare(adamw(list(model.parameters()), accelerator.device, lr=config.learning_rate))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (config.warmup_steps + 1)))
     stream = PromptStream(len(examples), seed)
+    share = can_share_prompts(model)
     model.train()
     losses = []
     bar = tqdm(range(config.steps), desc="sft", disable=not progress)
     for _ in bar:
         chosen = [examples[i] for i in stream.take(config.batch_size)]
-        inputs = collate(chosen, tokenizer.pad_token_id, config.pack_length if config.pack else None)
+        inputs = step_inputs(chosen, tokenizer.pad_token_id, config, share)
+        on_device = inputs.to(accelerator.device) if isinstance(inputs, LogprobInputs) else {k: v.to(accelerator.device) for k, v in inputs.items()}
         with packed_products(model):
-            loss = supervised_loss(model, {k: v.to(accelerator.device) for k, v in inputs.items()})
+            loss = supervised_loss(model, on_device)
             accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
