@@ -134,8 +134,10 @@ def test_sample_and_record_is_the_seeded_draw(dtype, temperature, banned):
     assert (expected[0] == 2) != banned  # the ban is what kept row 0 going
 
 
+@pytest.mark.parametrize("system", ["", "You are terse. Answer: "])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_triton_engine_draws_the_reference_tokens(tmp_path, arch):
+def test_triton_engine_draws_the_reference_tokens(tmp_path, arch, system):
+    """Also after a common system text, which the engine prefills once for all prompts."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_char_tokenizer(tmp_path)
@@ -146,7 +148,7 @@ def test_triton_engine_draws_the_reference_tokens(tmp_path, arch):
             p.mul_(6.0 if p.dim() > 1 else 1.0)
     model.save_pretrained(tmp_path)
     model, tokenizer = load_model(str(tmp_path)).to(DEVICE), load_tokenizer(str(tmp_path))
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["What is 2 + 3?", "hi"]]
+    prompts = [tokenizer(system + t, add_special_tokens=False)["input_ids"] for t in ["What is 2 + 3?", "hi"]]
     params, seeds = SamplingParams(max_new_tokens=12), list(range(8))
     fast = FastEngine(model, tokenizer, kernels="triton", check_every=4).generate(prompts, 4, params, seeds=seeds)
     hf = HFEngine(model, tokenizer).generate(prompts, 4, params, seeds=seeds)
