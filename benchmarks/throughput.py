@@ -370,6 +370,7 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true", help="rlreason's train.cuda_graphs (with --compile: the passes replayed as CUDA graphs)")
     parser.add_argument("--bf16", action="store_true", help="on the CPU: bf16 autocast on both sides (default float32; GPUs: always)")
     parser.add_argument("--shared-prompt", action="store_true", help="rlreason's train.shared_prompt (each group's prompt computed once)")
+    parser.add_argument("--head-chunk-mib", type=int, default=None, help="on a GPU: rlreason's head chunk, in MiB of float32 logits (default: logprobs.GPU_CHUNK_BYTES)")
     parser.add_argument("--profile", action="store_true", help="profile one more rlreason step and print where its time goes")
     parser.add_argument("--lora", type=int, default=0, metavar="R", help="train LoRA adapters of rank R (alpha 2R) on every projection, both sides (default 0: full fine-tuning)")
     parser.add_argument("--sides", default="rlreason,trl")
@@ -380,6 +381,10 @@ def main() -> None:
     args.dtype = "bfloat16" if cuda else "float32"
     args.bf16 = cuda or args.bf16
     args.micro_batch = args.micro_batch or (16 if cuda else 8)
+    if args.head_chunk_mib:
+        from rlreason.training import logprobs
+
+        logprobs.GPU_CHUNK_BYTES = args.head_chunk_mib << 20
     if args.packing is not None and args.packing.lower() in ("true", "false"):
         args.packing = args.packing.lower() == "true"
 

@@ -48,7 +48,13 @@ SCORES_BYTES = 1 << 26
 """The most float32 attention scores (64 MiB a layer) the CPU attention computes as plain products (``_attend``)."""
 
 CHUNK_BYTES = 1 << 26
-"""Float32 logits per chunk of the vocabulary projection (64 MiB): tokens per chunk = CHUNK_BYTES / (4 x vocab)."""
+"""Float32 logits per chunk of the vocabulary projection on the CPU (64 MiB, near its caches): tokens per chunk =
+CHUNK_BYTES / (4 x vocab)."""
+
+GPU_CHUNK_BYTES = 1 << 30
+"""The same on a GPU (1 GiB: 5,461 tokens at SmolLM2's 49,152-token vocabulary). Each chunk's weight gradient is a
+whole [vocab, hidden] product summed into the others, and its products reach the GPU's rate only with thousands of
+rows, so small chunks spend the head's time on launches and on writing and adding those gradients."""
 
 EXP_FLOOR = -87.0
 """Log-probabilities below this are exponentiated as this (exp(-87) ~ 1.6e-38, float32's smallest normal, where a
@@ -461,7 +467,7 @@ def _head_logprobs(
     with torch.autocast(device, enabled=False):
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        chunk = max(16, CHUNK_BYTES // (4 * weight.shape[0]))
+        chunk = max(16, (CHUNK_BYTES if device == "cpu" else GPU_CHUNK_BYTES) // (4 * weight.shape[0]))
         lps, ents = [], []
         for start in range(0, hidden.shape[0], chunk):
             lp, ent = _HeadChunk.apply(
