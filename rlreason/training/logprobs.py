@@ -54,7 +54,8 @@ CHUNK_BYTES / (4 x vocab)."""
 GPU_CHUNK_BYTES = 1 << 30
 """The same on a GPU (1 GiB: 5,461 tokens at SmolLM2's 49,152-token vocabulary). Each chunk's weight gradient is a
 whole [vocab, hidden] product summed into the others, and its products reach the GPU's rate only with thousands of
-rows, so small chunks spend the head's time on launches and on writing and adding those gradients."""
+rows, so small chunks spend the head's time on launches and on writing and adding those gradients; a chunk this size
+holds about 2 GiB more at its peak than one of 64 MiB at the benchmark's shapes (benchmarks/head_chunks.py)."""
 
 EXP_FLOOR = -87.0
 """Log-probabilities below this are exponentiated as this (exp(-87) ~ 1.6e-38, float32's smallest normal, where a
