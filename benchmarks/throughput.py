@@ -368,7 +368,8 @@ def main() -> None:
     parser.add_argument("--packing", default=None, help="rlreason's train.packing (default: the config default)")
     parser.add_argument("--compile", action="store_true", help="rlreason's train.compile (torch.compile the decoder stack)")
     parser.add_argument("--cuda-graphs", action="store_true", help="rlreason's train.cuda_graphs (with --compile: the passes replayed as CUDA graphs)")
-    parser.add_argument("--bf16", action="store_true", help="on the CPU: bf16 autocast on both sides (default float32; GPUs: always)")
+    parser.add_argument("--bf16", nargs="?", const="true", default="false", choices=["true", "false", "auto"],
+                        help="on the CPU: bf16 autocast on both sides; auto: where the CPU has bf16 instructions (default float32; GPUs: always)")
     parser.add_argument("--shared-prompt", action="store_true", help="rlreason's train.shared_prompt (each group's prompt computed once)")
     parser.add_argument("--head-chunk-mib", type=int, default=None, help="on a GPU: rlreason's head chunk, in MiB of float32 logits (default: logprobs.GPU_CHUNK_BYTES)")
     parser.add_argument("--profile", action="store_true", help="profile one more rlreason step and print where its time goes")
@@ -379,7 +380,11 @@ def main() -> None:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     args.dtype = "bfloat16" if cuda else "float32"
-    args.bf16 = cuda or args.bf16
+    if args.bf16 == "auto":
+        from rlreason.models import bf16_available
+
+        args.bf16 = "true" if bf16_available() else "false"
+    args.bf16 = cuda or args.bf16 == "true"
     args.micro_batch = args.micro_batch or (16 if cuda else 8)
     if args.head_chunk_mib:
         from rlreason.training import logprobs
