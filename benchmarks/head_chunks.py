@@ -66,8 +66,8 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             ms = time_ms(partial(head, hidden, weight, targets, math))
             peak = torch.cuda.max_memory_allocated() / 2**30
-            chunk = max(16, logprobs.GPU_CHUNK_BYTES // (4 * VOCAB))
-            print(f"| {name} | {mib} | {min(chunk, tokens)} | {ms:.2f} | {flop / ms / 1e9:.0f} | {peak:.2f} |", flush=True)
+            chunk = min(logprobs.head_chunk_tokens("cuda", VOCAB), tokens)
+            print(f"| {name} | {mib} | {chunk} | {ms:.2f} | {flop / ms / 1e9:.0f} | {peak:.2f} |", flush=True)
         weight.grad = hidden.grad = None
 
 

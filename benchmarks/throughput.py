@@ -380,11 +380,9 @@ def main() -> None:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     args.dtype = "bfloat16" if cuda else "float32"
-    if args.bf16 == "auto":
-        from rlreason.models import bf16_available
+    from rlreason.models import bf16_available
 
-        args.bf16 = "true" if bf16_available() else "false"
-    args.bf16 = cuda or args.bf16 == "true"
+    args.bf16 = cuda or args.bf16 == "true" or (args.bf16 == "auto" and bf16_available())
     args.micro_batch = args.micro_batch or (16 if cuda else 8)
     if args.head_chunk_mib:
         from rlreason.training import logprobs

@@ -453,6 +453,12 @@ def _rotary_tables_in_autocast_dtype(module, args, output):
     return tuple(t.to(dtype) for t in output)
 
 
+def head_chunk_tokens(device: str, vocab: int) -> int:
+    """Tokens per chunk of the head on ``device`` (a device type): ``CHUNK_BYTES`` or ``GPU_CHUNK_BYTES`` of float32
+    logits, read when called, so a benchmark can set them."""
+    return max(16, (CHUNK_BYTES if device == "cpu" else GPU_CHUNK_BYTES) // (4 * vocab))
+
+
 def _head_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, temperature: float, entropy_grad: bool,
     head_math: HeadMath = EAGER_HEAD,
@@ -468,7 +474,7 @@ def _head_logprobs(
     with torch.autocast(device, enabled=False):
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        chunk = max(16, (CHUNK_BYTES if device == "cpu" else GPU_CHUNK_BYTES) // (4 * weight.shape[0]))
+        chunk = head_chunk_tokens(device, weight.shape[0])
         lps, ents = [], []
         for start in range(0, hidden.shape[0], chunk):
             lp, ent = _HeadChunk.apply(
