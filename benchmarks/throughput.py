@@ -163,7 +163,9 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
         rewards=[RewardConfig("benchmarks.workload:digit_share", 1.0)],
         rollout=RolloutConfig(prompts_per_step=P, group_size=G, max_new_tokens=L, temperature=1.0, engine=args.engine),
         train=TrainConfig(
-            steps=args.warmup + args.steps,
+            # async: one step more, so that every timed step trains while the next one's batch is sampled
+            steps=args.warmup + args.steps + int(args.async_rollouts),
+            async_rollouts=args.async_rollouts,
             learning_rate=1e-6,
             micro_batch_size=args.micro_batch,
             loss_type="grpo",
@@ -191,10 +193,11 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
             parts.append(metrics)
+    trainer.close()  # the batch in flight (async) sampled to the end, before the memory is read
     require_updates("rlreason", skipped, args.warmup + args.steps)
     tokens = [m["completion_length"] * P * G for m in parts]
     result = {
-        "side": f"rlreason ({args.engine})",
+        "side": f"rlreason ({args.engine}{', async' if args.async_rollouts else ''})",
         "step_s": statistics.median(times),
         "tokens_per_step": statistics.median(tokens),
         "generate_s": statistics.median(m["time_generate"] for m in parts),
@@ -374,7 +377,9 @@ def main() -> None:
     parser.add_argument("--head-chunk-mib", type=int, default=None, help="on a GPU: rlreason's head chunk, in MiB of float32 logits (default: logprobs.GPU_CHUNK_BYTES)")
     parser.add_argument("--profile", action="store_true", help="profile one more rlreason step and print where its time goes")
     parser.add_argument("--lora", type=int, default=0, metavar="R", help="train LoRA adapters of rank R (alpha 2R) on every projection, both sides (default 0: full fine-tuning)")
-    parser.add_argument("--sides", default="rlreason,trl")
+    parser.add_argument("--sides", default="rlreason,trl",
+                        help="any of rlreason, rlreason-async (train.async_rollouts: the next batch sampled while this one "
+                        "trains, one step off-policy) and trl, each run in turn")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the default model's)")
     parser.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     args = parser.parse_args()
@@ -411,8 +416,11 @@ def main() -> None:
         read_bytes = decode_bytes(model_dir, prompt_lengths, args.max_new_tokens, args.group)
         for side in args.sides.split(","):
             torch.manual_seed(0)
-            run = run_rlreason if side == "rlreason" else run_trl
-            results.append(run(args, model_dir, rows, work))
+            if side == "trl":
+                results.append(run_trl(args, model_dir, rows, work))
+            else:
+                side_args = argparse.Namespace(**vars(args), async_rollouts=side == "rlreason-async")
+                results.append(run_rlreason(side_args, model_dir, rows, work))
             r = results[-1]
             print(f"  {r['side']}: step {r['step_s']:.3f} s  ({', '.join(f'{t:.3f}' for t in r['times'])})", flush=True)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
@@ -451,8 +459,10 @@ def main() -> None:
         r["floor"] = {"step_s": floor, "generate_s": generation, "train_s": training}
         print(f"| {r['side']} | {r['step_s']:.2f} | {floor:.2f} | {r['step_s'] / floor:.1f}x | "
               f"{r['generate_s'] / generation:.1f}x | {r['optimize_s'] / training:.1f}x |")
-    if len(results) == 2:
-        print(f"ratio (rlreason / TRL tokens per s): {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x")
+    trl = [r for r in results if "TRL" in r["side"]]
+    for r in results:
+        if trl and r is not trl[0]:
+            print(f"ratio ({r['side']} / TRL tokens per s): {r['tokens_per_s'] / trl[0]['tokens_per_s']:.2f}x")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({"args": {k: v for k, v in vars(args).items()}, "device": device, "results": results}) + "\n")

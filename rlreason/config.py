@@ -206,6 +206,12 @@ class TrainConfig:
     """Use the log-probs the "fast" engine recorded while sampling as the old policy's (num_iterations > 1,
     kl_in_reward) instead of a separate forward pass; they differ from a fresh pass by the engine's arithmetic
     (~1e-6 in float32, ~1e-2 in bf16). Needs rollout.engine "fast"."""
+    async_rollouts: bool = False
+    """Sample and score the next step's groups while this step trains, on a thread of its own (on CUDA, its own
+    stream): generation and the update overlap, and each batch after the first was sampled by the weights one update
+    older than those it trains (one step off-policy, as prime-rl's async_level 1 and veRL's one-step-off-policy
+    recipe). The ratio's old log-probs are the ones the engine recorded, so PPO's clip bounds the staleness. Needs
+    rollout.engine "fast"; one process; not with train.rollout_correction or train.top_entropy_quantile < 1."""
     max_bad_steps: int = 3
     """Stop after this many consecutive steps whose update was skipped for a non-finite loss or gradient."""
     seed: int = 0
@@ -571,6 +577,18 @@ def validate(config: Config) -> list[str]:
         problems.append("train.cuda_graphs: padded rows only (not with train.packing or train.shared_prompt)")
     if tr.rollout_logprobs and ro.engine != "fast":
         problems.append("train.rollout_logprobs: needs rollout.engine 'fast' (the 'hf' engine records no log-probs)")
+    if tr.async_rollouts and ro.engine != "fast":
+        problems.append("train.async_rollouts: needs rollout.engine 'fast' (it samples from a snapshot of the weights)")
+    if tr.async_rollouts and tr.rollout_correction != "none":
+        problems.append(
+            "train.async_rollouts: not with train.rollout_correction (the engine's log-probs are the old policy's, so "
+            "every weight would be 1)"
+        )
+    if tr.async_rollouts and tr.top_entropy_quantile < 1:
+        problems.append(
+            "train.async_rollouts: not with train.top_entropy_quantile < 1 (the entropies must be the sampling policy's, "
+            "whose weights have moved on)"
+        )
     batch = ro.prompts_per_step * ro.group_size
     if tr.micro_batch_size < 1 or batch % tr.micro_batch_size:
         problems.append(

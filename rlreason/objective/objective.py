@@ -171,11 +171,12 @@ class Objective:
         """The reference becomes the policy at the end of ``step`` (``ref_update_every``)."""
         return bool(self.ref_update_every) and step % self.ref_update_every == 0
 
-    def loss_inputs(self, frozen: FrozenPass) -> FrozenPass:
-        """The frozen tensors the loss reads: old log-probs for a ratio that can move, the reference's for a KL term,
-        and the engine's, whenever recorded, for the gap to them (logged) and its correction."""
+    def loss_inputs(self, frozen: FrozenPass, stale: bool = False) -> FrozenPass:
+        """The frozen tensors the loss reads: old log-probs for a ratio that can move (several passes, or a ``stale``
+        batch, sampled by older weights), the reference's for a KL term, and the engine's, whenever recorded, for the
+        gap to them (logged) and its correction."""
         return FrozenPass(
-            old=frozen.old if self.num_iterations > 1 else None, ref=frozen.ref if self.kl_in_loss else None,
+            old=frozen.old if self.num_iterations > 1 or stale else None, ref=frozen.ref if self.kl_in_loss else None,
             engine=frozen.engine,
         )
 

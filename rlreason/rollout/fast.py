@@ -20,7 +20,8 @@ Same interface and, for the same seeds, the same completions as ``HFEngine`` (th
 
 It computes the model itself from the module's weights (no ``model.forward``); on CUDA (and wherever it computes in
 another dtype than the model's, such as bf16 on a float32 model's CPU) it keeps its own copy of the weights in the
-compute dtype, with q/k/v and gate/up fused, refreshed from the model at every ``generate``.
+compute dtype, with q/k/v and gate/up fused, refreshed from the model at every ``generate`` (or held, from
+``snapshot`` to ``unpin``, while another thread trains the model).
 Left out: sliding-window attention beyond the window, dynamic RoPE scaling, other architectures (use "hf").
 """
 
@@ -124,6 +125,7 @@ class FastEngine:
         self.weights = EngineWeights(model, self.dtype, own=own or triton, fold_norms=triton, pack=pack)
         self.weight_bytes = self.weights.nbytes()
         self._ws: Workspace | None = None
+        self._pinned = False
         vocab = self.weights.lm_head[0].shape[0]
         self.eos_tensor = torch.tensor([i for i in self.eos_ids if i < vocab], dtype=torch.long, device=device)
         if sharded and self.release_memory:  # no full copy until the first generate gathers one
@@ -156,6 +158,20 @@ class FastEngine:
         self._ws = Workspace.allocate(key, self.dims, self.ops.kv_dtype, rope, pool)
         return self._ws
 
+    def snapshot(self) -> None:
+        """Copy the model's weights now and generate with this copy, however the model changes, until ``unpin``:
+        sampling on another thread while the model trains (``train.async_rollouts``)."""
+        if not self.weights.own:
+            raise ValueError("a weight snapshot needs the engine's own weight copies (own_weights=True)")
+        self.weights.refresh()
+        self._pinned = True
+
+    def unpin(self) -> None:
+        """Back to reading the model's weights afresh at every generate (the snapshot's memory freed as usual)."""
+        self._pinned = False
+        if self.release_memory:
+            self.release(empty_cache=False)
+
     def release(self, empty_cache: bool = True) -> None:
         """Free the caches, graphs and weight copies (the next generate call allocates and captures again);
         ``empty_cache`` also hands the freed memory back to the driver instead of keeping it for training."""
@@ -176,7 +192,8 @@ class FastEngine:
             seeds = draw_seeds(N) if not sampling.greedy else [0] * N
         started = time.perf_counter()
         self.last_stats = {}
-        self.weights.refresh()
+        if not self._pinned:
+            self.weights.refresh()
         ws = self._workspace(P, n, max(len(p) for p in prompt_ids), sampling.max_new_tokens)
         shared = shared_prefix(prompt_ids)
         ids, mask = left_pad([p[shared:] for p in prompt_ids], self.tokenizer.pad_token_id)
@@ -225,8 +242,8 @@ class FastEngine:
         ws.tokens.copy_(tokens)
         ws.done.copy_(torch.isin(tokens, self.eos_tensor))
         ws.t.fill_(1)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        if self.device.type == "cuda":  # this stream only: another thread may be training on the GPU meanwhile
+            torch.cuda.current_stream().synchronize()
 
     def _decode(self, ws: Workspace, shape: StepShape, sampling: SamplingParams) -> tuple[int, int, int]:
         """Step until every row has ended or the completions are full, compacting when half of the rows have ended;
@@ -265,7 +282,7 @@ class FastEngine:
         width = int(cmask.sum(dim=1).max())
         completion_ids = torch.where(cmask.bool(), out_tokens, self.tokenizer.pad_token_id)[:, :width]
         cmask, logprobs = cmask[:, :width], (out_logprobs * cmask)[:, :width]
-        if self.release_memory:
+        if self.release_memory and not self._pinned:
             self.release(empty_cache=False)
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         rep_ids, rep_mask = left_pad([p for p in prompt_ids for _ in range(n)], self.tokenizer.pad_token_id)
@@ -301,13 +318,15 @@ def _triton_available() -> bool:
     return True
 
 
-def build_engine(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bf16: bool = False):
+def build_engine(
+    name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bf16: bool = False, own_weights: bool | None = None
+):
     """The engine ``rollout.engine`` names for ``model`` (which it reads afresh at every generate): "hf" or "fast"
-    (computing in bf16 when training does)."""
+    (computing in bf16 when training does; ``own_weights``: always in copies of its own, which ``snapshot`` needs)."""
     from rlreason.rollout.engine import HFEngine
 
     if name == "hf":
         return HFEngine(model, tokenizer)
     if name == "fast":
-        return FastEngine(model, tokenizer, dtype=torch.bfloat16 if bf16 else None)
+        return FastEngine(model, tokenizer, dtype=torch.bfloat16 if bf16 else None, own_weights=own_weights)
     raise ValueError(f"rollout.engine: unknown engine {name!r}; available: 'hf', 'fast'")

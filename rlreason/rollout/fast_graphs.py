@@ -59,10 +59,11 @@ class StepRunner:
                 self.step(ws, weights, shape, sampling)
             self._warm.add(key)
         # capture_begin/end rather than torch.cuda.graph, which empties the allocator's cache first: that would
-        # hand back the training pass's blocks at every generate call, and the next pass would allocate them again
+        # hand back the training pass's blocks at every generate call, and the next pass would allocate them again.
+        # thread_local: a training pass on another thread (train.async_rollouts) may allocate meanwhile
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
-            graph.capture_begin(pool=ws.pool)
+            graph.capture_begin(pool=ws.pool, capture_error_mode="thread_local")
             try:
                 self.step(ws, weights, shape, sampling)
             finally:

@@ -65,6 +65,7 @@ from rlreason.training.groups import (
 )
 from rlreason.training.logprobs import LogprobInputs, logprobs_from_inputs
 from rlreason.training.packed_products import packed_products
+from rlreason.training.prefetch import BatchPrefetcher
 from rlreason.training.setup import load_training_data, load_training_models, make_accelerator
 from rlreason.training.step_log import (
     ReasoningInputs,
@@ -126,12 +127,24 @@ class Trainer:
             config, self.rank, self.stream, self.train_data, self.engine, self.tokenizer, self.sampling, self.rewards,
             self.episodes,
         )
+        self.prefetch = self._prefetcher()
         self.step = 0
         self.runlog = RunLog(self.run_dir, self.is_main, config.run.report_to, config.to_dict())
         if self.is_main:
             save_config(config, self.run_dir / CONFIG)
         self.resumed_from = self._resume() if resume else None
         self.accelerator.wait_for_everyone()  # the logs are cut back before any process reads them
+
+    def _prefetcher(self) -> BatchPrefetcher | None:
+        """``train.async_rollouts``: the next batch sampled on a thread of its own while this one trains."""
+        if not self.config.train.async_rollouts:
+            return None
+        if self.world > 1:
+            raise ValueError(
+                f"train.async_rollouts: one process only, got {self.world} (the sampling thread's collectives would race "
+                "the update's gradient all-reduce)"
+            )
+        return BatchPrefetcher(self.sampler, self.engine, self.accelerator.device)
 
     # ---------------------------------------------------------------- the loop
 
@@ -144,7 +157,7 @@ class Trainer:
             else:
                 self._train()
         finally:  # also on Ctrl-C: the wandb mirror is closed, the JSONL logs are complete up to the last line
-            self.runlog.close()
+            self.close()
         return self.summary()
 
     def _train(self) -> None:
@@ -187,6 +200,12 @@ class Trainer:
             if cfg.run.save_every and self.step % cfg.run.save_every == 0:
                 self.save_checkpoint()
 
+    def close(self) -> None:
+        """Wait for a batch still being sampled (dropping it) and close the logs."""
+        if self.prefetch is not None:
+            self.prefetch.close()
+        self.runlog.close()
+
     def _say(self, line: str) -> None:
         """A line for the person running the command (stderr, main process only), not a log record."""
         if self.is_main:
@@ -203,16 +222,18 @@ class Trainer:
         G = self.config.rollout.group_size
         P = self.config.rollout.prompts_per_step // self.world  # this process's groups
         t0 = time.perf_counter()
+        stale = self.prefetch is not None and self.prefetch.pending  # sampled by the weights before the last update
         batch = self._sample_groups(P, G)
-        t_generate = time.perf_counter() - batch.score_time
+        # prefetched: the wait for the batch counts as generation, its scoring was off the critical path
+        t_generate = time.perf_counter() - (0.0 if stale else batch.score_time)
         rewards = torch.tensor(batch.scores.total, dtype=torch.float32).view(P, G)
-        t_score = time.perf_counter()
+        t_score = time.perf_counter() if not stale else t_generate
 
         rollout, inputs = batch.rollout, self._model_inputs(batch.rollout)
-        frozen = self._frozen_pass(rollout, inputs)
+        frozen = self._frozen_pass(rollout, inputs, stale)
         shaped, shaping = self.objective.shape_rewards(rewards, rollout.loss_mask, frozen)
         advantages = self.objective.advantages(shaped)
-        stats = {**batch.stats, **shaping, **self.optimize(rollout, advantages, frozen, inputs)}
+        stats = {**batch.stats, **shaping, **self.optimize(rollout, advantages, frozen, inputs, stale=stale)}
         t_end = time.perf_counter()
         self.step += 1
 
@@ -233,14 +254,23 @@ class Trainer:
         return metrics
 
     def _sample_groups(self, P: int, G: int) -> SampledBatch:
-        return self.sampler.sample(P, G)
+        """This step's batch; under ``train.async_rollouts`` the one sampled during the last step (the first step
+        samples its own), and the next one is started before this step's update."""
+        if self.prefetch is None:
+            return self.sampler.sample(P, G)
+        batch = self.prefetch.take() if self.prefetch.pending else self.sampler.sample(P, G)
+        if self.step + 1 < self.config.train.steps:
+            self.prefetch.start(P, G)
+        return batch
 
-    def _frozen_pass(self, rollout: Rollout, inputs: list[LogprobInputs]) -> FrozenPass:
+    def _frozen_pass(self, rollout: Rollout, inputs: list[LogprobInputs], stale: bool = False) -> FrozenPass:
         """What the objective needs from models that are not being updated, computed once per batch, and the
-        log-probs the engine recorded while sampling (the objective logs its gap to them, and may correct it)."""
+        log-probs the engine recorded while sampling (the objective logs its gap to them, and may correct it).
+        ``stale``: sampled by older weights than the model's, so the recorded log-probs are the only old policy's."""
         old = entropy = ref = None
         temperature = self.config.rollout.temperature
-        if self.config.train.rollout_logprobs and rollout.logprobs is not None and not self.objective.needs_entropy:
+        recorded = self.config.train.rollout_logprobs or stale
+        if recorded and rollout.logprobs is not None and not self.objective.needs_entropy:
             old = rollout.logprobs  # recorded while sampling: no forward pass
         elif self.objective.needs_old_logprobs:
             old, entropy = frozen_logprobs(self.model, rollout, inputs, self.accelerator, temperature, self.head_math)
@@ -260,18 +290,19 @@ class Trainer:
             yield self.model
 
     def optimize(
-        self, rollout: Rollout, advantages: torch.Tensor, frozen: FrozenPass, inputs: list[LogprobInputs]
+        self, rollout: Rollout, advantages: torch.Tensor, frozen: FrozenPass, inputs: list[LogprobInputs], stale: bool = False
     ) -> dict[str, Any]:
         """``num_iterations`` optimizer steps over the batch, each accumulating gradients over micro-batches.
 
-        ``frozen`` is ``_frozen_pass(rollout, inputs)``; ``inputs`` is ``_model_inputs(rollout)``, already on the
+        ``frozen`` is ``_frozen_pass(rollout, inputs, stale)``; ``inputs`` is ``_model_inputs(rollout)``, already on the
         device, so the loop below never waits on the host. Per-token stats are ``TokenMean``s over every iteration's
-        tokens; the first iteration's forward passes are at the sampling weights (``Objective.loss``'s ``fresh``).
+        tokens; the first iteration's forward passes are at the sampling weights (``Objective.loss``'s ``fresh``)
+        unless the batch is ``stale`` (``train.async_rollouts``).
         """
         objective, device = self.objective, self.accelerator.device
         aggregate = partial(aggregate_over_processes, objective.aggregate, self.accelerator)
         weights = objective.weigh(rollout.loss_mask, rollout.truncated, frozen.entropy, aggregate)
-        step = UpdateBatch(advantages.to(device), objective.loss_inputs(frozen).to(device), weights.to(device))
+        step = UpdateBatch(advantages.to(device), objective.loss_inputs(frozen, stale).to(device), weights.to(device))
         slices = micro_batches(len(advantages), self.config.train.micro_batch_size)
         sums, losses, grad_norms = TokenSums(), [], []
         self.model.train()
@@ -280,7 +311,7 @@ class Trainer:
         for iteration in range(objective.num_iterations):
             with packed_products(self.model, enabled=not self.config.train.compile):
                 pass_losses = [
-                    self._micro_step(batch, rows, i == len(slices) - 1, step, sums, fresh=iteration == 0)
+                    self._micro_step(batch, rows, i == len(slices) - 1, step, sums, fresh=iteration == 0 and not stale)
                     for i, (rows, batch) in enumerate(zip(slices, inputs, strict=True))
                 ]
             losses += pass_losses
@@ -347,6 +378,8 @@ class Trainer:
 
     def evaluate(self, stage: str) -> dict[str, Any]:
         """Greedy accuracy on the held-out split; logged to evals.jsonl with its samples."""
+        if self.prefetch is not None:  # the engine samples one batch at a time
+            self.prefetch.wait()
         result = evaluate_config(
             self.config, self.engine, self.tokenizer, self.eval_data, self.rewards, self.is_main, self.episodes
         )
@@ -369,7 +402,10 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """``checkpoints/step-N`` of this step (``rlreason.training.checkpoint.save_checkpoint``)."""
-        return save_checkpoint(self.run_dir, self.step, self.stream.position, self._checkpointed(), self.config.run.keep_last)
+        position = self.stream.position
+        if self.prefetch is not None and self.prefetch.position is not None:  # a resumed run draws that batch again
+            position = self.prefetch.position
+        return save_checkpoint(self.run_dir, self.step, position, self._checkpointed(), self.config.run.keep_last)
 
     def _resume(self) -> Path | None:
         """Restore the run from its latest complete checkpoint; with no checkpoint, start over with empty logs."""
