@@ -434,6 +434,9 @@ def main() -> None:
         r["train_mfu"] = flops / r["optimize_s"] / peak
         print(f"| {r['side']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['generate_s']:.2f} | "
               f"{r['optimize_s']:.2f} | {r['train_mfu']:.1%} | {r['peak_gb']:.2f} | {r['reserved_gb']:.2f} |")
+    if any("async" in r["side"] for r in results):
+        print("async: generate is the wait for the batch sampled beside the step before; train ran beside the next "
+              "batch's sampling, and its MFU counts that time")
     for r in results:
         e = r.get("engine")
         if e and e.get("decode_steps"):
