@@ -111,6 +111,15 @@ def write_config(path: Path, model_dir: Path, run_dir: Path, **sections: dict) -
     return path
 
 
+def problems_of(overrides: list[str], path: Path | None = None) -> list[str]:
+    """The problems a config with ``overrides`` is refused for (it must be refused)."""
+    from rlreason.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return info.value.problems
+
+
 def sevens(completions: list[str], samples: list[dict]) -> list[float]:
     """A reward any tiny model can earn by chance and learn: the share of '7' characters in the completion."""
     return [c.count("7") / len(c) if c else 0.0 for c in completions]

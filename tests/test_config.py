@@ -1,14 +1,9 @@
 """Config loading: YAML + overrides into dataclasses, every problem named, before any model loads."""
 
 import pytest
+from conftest import problems_of
 
-from rlreason.config import ConfigError, SampleConfig, TrainConfig, choices, load_config
-
-
-def problems_of(overrides, path=None):
-    with pytest.raises(ConfigError) as info:
-        load_config(path, overrides)
-    return info.value.problems
+from rlreason.config import SampleConfig, TrainConfig, choices, load_config
 
 
 def test_overrides_are_typed_and_dotted(tmp_path):
