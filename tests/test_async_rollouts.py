@@ -2,10 +2,13 @@
 sampled by the weights before the previous update, its old log-probs are the engine's, checkpoints draw the batch
 in flight again, and the config refuses what it cannot run."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import make_tiny_model, problems_of, write_config
 
+from rlreason.cli import main
 from rlreason.config import load_config
 from rlreason.models import load_model, load_tokenizer
 from rlreason.objective.objective import FrozenPass, Objective
@@ -132,3 +135,19 @@ def test_a_checkpoint_records_the_stream_before_the_batch_in_flight(tmp_path):
 def test_what_async_rollouts_cannot_run_is_refused_with_one_named_problem(overrides, expected):
     (problem,) = problems_of(overrides)
     assert problem.startswith(expected), problem
+
+
+def test_more_than_one_process_is_refused_in_one_line_before_a_model_loads(tiny_llama, tmp_path, monkeypatch, capsys):
+    import rlreason.training.trainer as trainer_module
+
+    two = SimpleNamespace(num_processes=2, process_index=0, is_main_process=True)
+    monkeypatch.setattr(trainer_module, "make_accelerator", lambda config: two)
+    monkeypatch.setattr(trainer_module, "load_training_models", lambda *a: pytest.fail("a model was loaded"))
+    path = write_config(
+        tmp_path / "c.yaml", tiny_llama, tmp_path / "run", rollout={"engine": "fast"}, train={"async_rollouts": True}
+    )
+    assert main(["train", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "config error: train.async_rollouts: one process only, got 2 (the sampling thread's collectives would race the "
+        "update's gradient all-reduce)"
+    )

@@ -1,10 +1,11 @@
 """The next step's groups, sampled while this step trains (``train.async_rollouts``).
 
-Generation and the update are the two halves of a step and, on one GPU, neither fills it: decoding is bound by
-latency (small kernels on a few SMs), the update by arithmetic. Run side by side, the step costs about the longer
-of the two. The price is one step of staleness: the engine copies the weights before this step's update and samples
-with that copy, so the batch the next step trains on comes from weights one update older; its old log-probs, for
-the ratio, are the ones the engine recorded.
+Generation and the update are the two halves of a step, and each leaves the device idle at times: the host
+launching, scoring, logging, synchronising. Side by side, each half runs in the other's idle time, and where the
+device runs both halves' kernels at once, the step costs as little as the longer half (benchmarks/stream_overlap.py
+tells whether a GPU does). The price is one step of staleness: the engine copies the weights before this step's
+update and samples with that copy, so the batch the next step trains on comes from weights one update older; its
+old log-probs, for the ratio, are the ones the engine recorded.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class BatchPrefetcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlreason-rollout")
         self._pending: Future[SampledBatch] | None = None
         self.position: int | None = None
-        # a stream of its own, ahead of the update's kernels when both wait for an SM: generation is the longer half
+        # a stream of its own, whose kernels go first when both halves wait for the device
         self._stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
 
     @property

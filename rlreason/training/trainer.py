@@ -28,7 +28,7 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from rlreason.config import Config, save_config
+from rlreason.config import Config, ConfigError, save_config
 from rlreason.data import PromptStream
 from rlreason.objective.objective import FrozenPass, Objective, TokenWeights
 from rlreason.observe.evaluate import describe, evaluate_config, policy_engine
@@ -109,6 +109,11 @@ class Trainer:
         self.accelerator = make_accelerator(config)
         self.is_main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if tr.async_rollouts and self.world > 1:  # known only now, and refused before any model loads
+            raise ConfigError([
+                f"train.async_rollouts: one process only, got {self.world} (the sampling thread's collectives would "
+                "race the update's gradient all-reduce)"
+            ])
         self.run_dir = prepare_run_dir(config, resume) if self.is_main else Path(config.run.output_dir)
         self.accelerator.wait_for_everyone()
         set_seed(tr.seed)
@@ -127,24 +132,13 @@ class Trainer:
             config, self.rank, self.stream, self.train_data, self.engine, self.tokenizer, self.sampling, self.rewards,
             self.episodes,
         )
-        self.prefetch = self._prefetcher()
+        self.prefetch = BatchPrefetcher(self.sampler, self.engine, self.accelerator.device) if tr.async_rollouts else None
         self.step = 0
         self.runlog = RunLog(self.run_dir, self.is_main, config.run.report_to, config.to_dict())
         if self.is_main:
             save_config(config, self.run_dir / CONFIG)
         self.resumed_from = self._resume() if resume else None
         self.accelerator.wait_for_everyone()  # the logs are cut back before any process reads them
-
-    def _prefetcher(self) -> BatchPrefetcher | None:
-        """``train.async_rollouts``: the next batch sampled on a thread of its own while this one trains."""
-        if not self.config.train.async_rollouts:
-            return None
-        if self.world > 1:
-            raise ValueError(
-                f"train.async_rollouts: one process only, got {self.world} (the sampling thread's collectives would race "
-                "the update's gradient all-reduce)"
-            )
-        return BatchPrefetcher(self.sampler, self.engine, self.accelerator.device)
 
     # ---------------------------------------------------------------- the loop
 
@@ -224,10 +218,10 @@ class Trainer:
         t0 = time.perf_counter()
         stale = self.prefetch is not None and self.prefetch.pending  # sampled by the weights before the last update
         batch = self._sample_groups(P, G)
-        # prefetched: the wait for the batch counts as generation, its scoring was off the critical path
-        t_generate = time.perf_counter() - (0.0 if stale else batch.score_time)
+        score_time = 0.0 if stale else batch.score_time  # prefetched: the wait is the generation, scoring ran beside
+        t_generate = time.perf_counter() - score_time
+        t_score = t_generate + score_time
         rewards = torch.tensor(batch.scores.total, dtype=torch.float32).view(P, G)
-        t_score = time.perf_counter() if not stale else t_generate
 
         rollout, inputs = batch.rollout, self._model_inputs(batch.rollout)
         frozen = self._frozen_pass(rollout, inputs, stale)
