@@ -151,3 +151,16 @@ def test_more_than_one_process_is_refused_in_one_line_before_a_model_loads(tiny_
         "config error: train.async_rollouts: one process only, got 2 (the sampling thread's collectives would race the "
         "update's gradient all-reduce)"
     )
+
+
+def test_a_whole_run_evaluates_and_checkpoints_between_prefetched_steps(tmp_path):
+    """Evaluations wait for the batch in flight; every checkpoint's data position is its own step's end."""
+    model_dir = make_tiny_model(tmp_path / "model")
+    config = _async_config(tmp_path, model_dir, tmp_path / "run", async_rollouts=True)
+    config.run.eval_every, config.run.save_every, config.run.keep_last = 1, 1, 3
+    Trainer(config).train()
+    evals = read_jsonl(tmp_path / "run" / "evals.jsonl")
+    assert [(e["stage"], e["step"]) for e in evals] == [("grpo", 1), ("grpo", 2), ("final", 3)]
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    positions = [torch.load(c / "trainer_state.pt", weights_only=False)["position"] for c in checkpoints]
+    assert positions == [2, 4, 6]
