@@ -210,8 +210,10 @@ class TrainConfig:
     """Sample and score the next step's groups while this step trains, on a thread of its own (on CUDA, its own
     stream): generation and the update overlap, and each batch after the first was sampled by the weights one update
     older than those it trains (one step off-policy, as prime-rl's async_level 1 and veRL's one-step-off-policy
-    recipe). The ratio's old log-probs are the ones the engine recorded, so PPO's clip bounds the staleness. Needs
-    rollout.engine "fast"; one process; not with train.rollout_correction or train.top_entropy_quantile < 1."""
+    recipe). The ratio's old log-probs are the ones the engine recorded, so PPO's clip bounds the staleness. It pays
+    where either half leaves the device idle (a GPU's uncompiled update, slow scoring); on a CPU both halves compete
+    for the same cores. Needs rollout.engine "fast"; one process; not with train.rollout_correction or
+    train.top_entropy_quantile < 1."""
     max_bad_steps: int = 3
     """Stop after this many consecutive steps whose update was skipped for a non-finite loss or gradient."""
     seed: int = 0
