@@ -462,10 +462,10 @@ def main() -> None:
         r["floor"] = {"step_s": floor, "generate_s": generation, "train_s": training}
         print(f"| {r['side']} | {r['step_s']:.2f} | {floor:.2f} | {r['step_s'] / floor:.1f}x | "
               f"{r['generate_s'] / generation:.1f}x | {r['optimize_s'] / training:.1f}x |")
-    trl = [r for r in results if "TRL" in r["side"]]
+    trl = next((r for r in results if "TRL" in r["side"]), None)
     for r in results:
-        if trl and r is not trl[0]:
-            print(f"ratio ({r['side']} / TRL tokens per s): {r['tokens_per_s'] / trl[0]['tokens_per_s']:.2f}x")
+        if trl is not None and r is not trl:
+            print(f"ratio ({r['side']} / TRL tokens per s): {r['tokens_per_s'] / trl['tokens_per_s']:.2f}x")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({"args": {k: v for k, v in vars(args).items()}, "device": device, "results": results}) + "\n")

@@ -55,7 +55,7 @@ def policy_engine(config: Any, model: PreTrainedModel, tokenizer: PreTrainedToke
     """The engine ``rollout.engine`` names, computing in the config's precision: what the trainer samples and
     evaluates with, and what ``rlreason eval`` evaluates with (in weight copies of its own under
     ``train.async_rollouts``, which samples from a snapshot while the model trains)."""
-    own = True if config.train.async_rollouts else None
+    own = config.train.async_rollouts or None  # None: the engine's own choice
     return build_engine(config.rollout.engine, model, tokenizer, precision(config) == "bf16", own_weights=own)
 
 

@@ -25,13 +25,15 @@ from rlreason.training.logprobs import LogprobInputs, logprob_inputs, logprobs_f
 @dataclass(frozen=True)
 class SampledBatch:
     """This process's P prompts (``rows``) with G scored completions each, in group order, and how sampling went:
-    ``stats`` (DAPO's rounds, dropped and refilled groups) and the seconds spent scoring."""
+    ``stats`` (DAPO's rounds, dropped and refilled groups) and the seconds spent scoring; ``stale`` when it was
+    sampled during the step before, by the weights before that step's update (``train.async_rollouts``)."""
 
     rows: list[dict[str, Any]]
     rollout: Rollout
     scores: Scores
     stats: dict[str, float]
     score_time: float
+    stale: bool = False
 
 
 @dataclass(frozen=True)

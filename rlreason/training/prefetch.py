@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -65,11 +66,11 @@ class BatchPrefetcher:
             self._pending.exception()
 
     def take(self) -> SampledBatch:
-        """The batch in flight, once sampled (its sampling's errors raised here)."""
+        """The batch in flight, once sampled, marked ``stale`` (its sampling's errors raised here)."""
         if self._pending is None:
             raise RuntimeError("no batch in flight")
         pending, self._pending, self.position = self._pending, None, None
-        return pending.result()
+        return replace(pending.result(), stale=True)
 
     def close(self) -> None:
         """Wait for the worker and drop any batch not taken."""

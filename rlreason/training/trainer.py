@@ -216,8 +216,8 @@ class Trainer:
         G = self.config.rollout.group_size
         P = self.config.rollout.prompts_per_step // self.world  # this process's groups
         t0 = time.perf_counter()
-        stale = self.prefetch is not None and self.prefetch.pending  # sampled by the weights before the last update
         batch = self._sample_groups(P, G)
+        stale = batch.stale  # sampled by the weights before the last update
         score_time = 0.0 if stale else batch.score_time  # prefetched: the wait is the generation, scoring ran beside
         t_generate = time.perf_counter() - score_time
         t_score = t_generate + score_time
