@@ -30,12 +30,6 @@ import triton.language as tl
 from rlreason.rollout.sampling import DRAW_BLOCK
 
 
-def _pdl_launch(pdl: bool) -> dict[str, bool]:
-    """The launch option of a programmatic dependent launch (Hopper and later): the kernel may start while the one
-    before it finishes, and waits for it (``gdc_wait``) before reading anything that kernel writes."""
-    return {"launch_pdl": True} if pdl else {}
-
-
 @triton.jit
 def _inv_rms(X, row, N, eps, BLOCK_X: tl.constexpr):
     """1 / rms of row ``row`` of X [*, N] (float32): the RMSNorm scale that the folded weights leave out."""
@@ -68,12 +62,9 @@ def _rope_and_cache_kernel(
     QKV, X, BIAS, COS, SIN, POS0, T, QOUT, KC, VC, QNW, KNW, eps, scale, G, N,
     s_qkv, s_cos, s_kc_p, s_kc_h, s_kc_g, s_kc_s,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QK_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_X: tl.constexpr, HEADS: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_X: tl.constexpr, HEADS: tl.constexpr,
 ):
     r = tl.program_id(0)  # one row, all its heads: query heads, key heads, value heads (a tile [HEADS, D])
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     t = tl.load(T)
     head = tl.arange(0, HEADS)[:, None]
     d = tl.arange(0, D)[None, :]
@@ -107,7 +98,7 @@ def _rope_and_cache_kernel(
     tl.store(KC + slot + (head - H) * s_kc_h + d, y.to(KC.dtype.element_ty), mask=is_k)
 
 
-def rope_and_cache(qkv, x, bias, cos, sin, pos0, t, kc, vc, q_norm, k_norm, eps, H, Hkv, D, G, pdl: bool = False) -> torch.Tensor:
+def rope_and_cache(qkv, x, bias, cos, sin, pos0, t, kc, vc, q_norm, k_norm, eps, H, Hkv, D, G) -> torch.Tensor:
     """q [R, H, D] (RoPE, times 1/sqrt(D)) from ``qkv`` [R, (H + 2 Hkv) D] = x @ (norm-folded weights).T: scaled by
     1/rms(x) (x [R, hidden], the residual stream), plus ``bias``; writes RoPE'd k and v into ``kc``/``vc``
     [Pp, Hkv, G, W, D] at slot t - 1. One program a row: its 1/rms is computed once for all its heads."""
@@ -120,7 +111,7 @@ def rope_and_cache(qkv, x, bias, cos, sin, pos0, t, kc, vc, q_norm, k_norm, eps,
         k_norm if norm else qkv, eps, D**-0.5, G, N,
         qkv.stride(0), cos.stride(0), kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3),
         H=H, HKV=Hkv, D=D, QK_NORM=norm, HAS_BIAS=bias is not None, BLOCK_X=triton.next_power_of_2(N), HEADS=heads,
-        PDL=pdl, num_warps=4 if heads * D <= 2048 else 8, **_pdl_launch(pdl),
+        num_warps=4 if heads * D <= 2048 else 8,
     )
     return q
 
@@ -151,11 +142,8 @@ def _decode_attention_kernel(
     Q, KP, VP, BIAS, KC, VC, T, OUT, G,
     s_kp_p, s_kp_h, s_kp_s, s_bias, s_kc_p, s_kc_h, s_kc_g, s_kc_s,
     H: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    Wp: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    Wp: tl.constexpr, IEEE: tl.constexpr,
 ):
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     r = tl.program_id(0)
     h = tl.program_id(1)  # kv head
     p = r // G
@@ -195,7 +183,7 @@ ATTENTION_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 
 
 def decode_attention(q, kp, vp, bias, kc, vc, t, G: int, block_n: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, pdl: bool = False) -> torch.Tensor:
+                     num_stages: int | None = None) -> torch.Tensor:
     """[R, H * D]: q [R, H, D] (pre-scaled) attends its group's prompt kp/vp [Pp, Hkv, Wp, D] (``bias`` [Pp, Wp]:
     0 or -inf) and its own completion kc/vc [Pp, Hkv, G, W, D] up to slot t - 1."""
     R, H, D = q.shape
@@ -207,17 +195,13 @@ def decode_attention(q, kp, vp, bias, kc, vc, t, G: int, block_n: int | None = N
         kp.stride(0), kp.stride(1), kp.stride(2), bias.stride(0), kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3),
         H=H, REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), D=D, Wp=Wp, IEEE=q.dtype == torch.float32,
         BLOCK_N=block_n or ATTENTION_LAUNCH["block_n"], num_warps=num_warps or ATTENTION_LAUNCH["num_warps"],
-        num_stages=num_stages or ATTENTION_LAUNCH["num_stages"], PDL=pdl, **_pdl_launch(pdl),
+        num_stages=num_stages or ATTENTION_LAUNCH["num_stages"],
     )
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(GU, X, BIAS, OUT, N, NX, eps, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_X: tl.constexpr,
-                     PDL: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+def _silu_mul_kernel(GU, X, BIAS, OUT, N, NX, eps, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_X: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -233,7 +217,7 @@ def _silu_mul_kernel(GU, X, BIAS, OUT, N, NX, eps, HAS_BIAS: tl.constexpr, BLOCK
     tl.store(OUT + row * N + cols, act * up, mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, eps: float, pdl: bool = False) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """silu(gate) * up [R, I] from ``gate_up`` [R, 2 I] = x @ (norm-folded weights).T, scaled by 1/rms(x) (x [R, hidden],
     the residual stream), plus ``bias``."""
     R, N2 = gate_up.shape
@@ -242,71 +226,9 @@ def silu_mul(gate_up: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, 
     block = 1024
     _silu_mul_kernel[(R, triton.cdiv(N, block))](
         gate_up, x, bias if bias is not None else gate_up, out, N, x.shape[1], eps, HAS_BIAS=bias is not None,
-        BLOCK=block, BLOCK_X=triton.next_power_of_2(x.shape[1]), PDL=pdl, num_warps=4, **_pdl_launch(pdl),
+        BLOCK=block, BLOCK_X=triton.next_power_of_2(x.shape[1]), num_warps=4,
     )
     return out
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Pull the lines at ``ptrs`` into L2 (kept there: evict_last) without waiting for them."""
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _linear_kernel(
-    X, W, Y, M, N, K, s_x, s_w, s_y,
-    ACCUMULATE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LINES: tl.constexpr,
-    LINE: tl.constexpr,
-):
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
-    n_in = rn < N
-    if PREFETCH:  # the weights do not depend on the kernel before: fetch them while it finishes
-        line = tl.minimum(tl.arange(0, LINES) * LINE, K - 1)
-        _prefetch_l2(W + tl.minimum(rn, N - 1)[:, None] * s_w + line[None, :])
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k in tl.range(0, K, BLOCK_K):
-        kk = k + rk
-        x = tl.load(X + rm[:, None] * s_x + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        w = tl.load(W + rn[:, None] * s_w + kk[None, :], mask=n_in[:, None] & (kk[None, :] < K), other=0.0)
-        acc += _dot(x, tl.trans(w), IEEE)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    at = Y + rm[:, None] * s_y + rn[None, :]
-    mask = (rm[:, None] < M) & n_in[None, :]
-    if ACCUMULATE:
-        acc += tl.load(at, mask=mask, other=0.0).to(tl.float32)
-    tl.store(at, acc.to(Y.dtype.element_ty), mask=mask)
-
-
-LINEAR_LAUNCH = {"block_m": 64, "block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 3}
-"""The decode projections' tile and launch shape (benchmarks/decode_products.py times the alternatives)."""
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, pdl: bool = False,
-           prefetch: bool = False, **launch: int) -> torch.Tensor:
-    """x [M, K] @ weight [N, K].T; with ``out`` [M, N] given, added into it in place (the residual stream). ``pdl``
-    launches it as a programmatic dependent of the kernel before (only its weights are read before that kernel has
-    finished), ``prefetch`` pulls its weights into L2 meanwhile."""
-    M, K = x.shape
-    N = weight.shape[0]
-    shape = {**LINEAR_LAUNCH, **launch}
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    grid = (triton.cdiv(N, shape["block_n"]), triton.cdiv(M, shape["block_m"]))
-    _linear_kernel[grid](
-        x, weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
-        ACCUMULATE=out is not None, PDL=pdl, PREFETCH=prefetch, IEEE=x.dtype == torch.float32,
-        BLOCK_M=shape["block_m"], BLOCK_N=shape["block_n"], BLOCK_K=shape["block_k"],
-        LINES=triton.next_power_of_2(triton.cdiv(K * weight.element_size(), 128)), LINE=128 // weight.element_size(),
-        num_warps=shape["num_warps"], num_stages=shape["num_stages"], **_pdl_launch(pdl),
-    )
-    return y
 
 
 @triton.jit
