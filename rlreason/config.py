@@ -186,9 +186,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the decoder stack for the training passes (rlreason.models.compile_decoder): fused kernels and
     one compiled call per micro-batch, where a small model on a GPU is bound by the host launching kernels. The
-    first steps are slower while it compiles (once more when the width first changes, and for packed rows). On a
-    GPU it also compiles the fast rollout engine's prefill, one graph for every layer; the engine's decode step has
-    its own kernels. Tested on one process."""
+    first steps are slower while it compiles (once more when the width first changes, and for packed rows); the
+    fast rollout engine has its own kernels and is not affected. Tested on one process."""
     cuda_graphs: bool = False
     """With ``compile``: replay the compiled decoder stack's forward and backward passes as CUDA graphs
     (torch.compile's "reduce-overhead" mode), so a micro-batch costs a few launches instead of a thousand. A small

@@ -203,30 +203,6 @@ def test_a_common_prefix_computed_once_gives_the_reference_tokens_and_logprobs(m
     torch.testing.assert_close(rollout.logprobs[mask], fresh[mask], atol=LOGPROB_ATOL, rtol=0)
 
 
-def test_the_compiled_prefill_is_one_graph_for_every_layer_and_call(model_and_tokenizer):
-    """``compile_prefill`` compiles ``TorchOps.prefill_layer``: it must trace whole (no graph breaks), and one graph
-    must serve every layer and every call, prompt widths changing, or compiling would cost more than it saves.
-    Traced here with the eager backend (the CPU has no use for the compiled prefill): the same tokens and log-probs."""
-    model, tokenizer = model_and_tokenizer
-    graphs = []
-
-    def backend(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    params, seeds = SamplingParams(max_new_tokens=12, temperature=0.8), list(range(6))
-    system = _system_prompts(tokenizer)
-    calls = [system, [p[:-1] for p in system], [p + p[-2:] for p in system]]
-    eager, compiled = FastEngine(model, tokenizer), FastEngine(model, tokenizer)
-    torch._dynamo.reset()
-    compiled.ops.compiled_layer = torch.compile(compiled.ops.prefill_layer, backend=backend, fullgraph=True)
-    for prompts in calls:
-        a, b = eager.generate(prompts, 2, params, seeds=seeds), compiled.generate(prompts, 2, params, seeds=seeds)
-        _same(a, b)
-        torch.testing.assert_close(a.logprobs, b.logprobs, atol=0, rtol=0)
-    assert 1 <= len(graphs) <= 2  # the second width makes the widths dynamic; every later call reuses that graph
-
-
 def test_min_new_tokens_and_compaction(llama):
     """EOS is held back until min_new_tokens; rows that end are compacted away without changing anyone's tokens."""
     model, tokenizer = llama

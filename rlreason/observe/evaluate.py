@@ -54,13 +54,9 @@ def precision(config: Any) -> str:
 def policy_engine(config: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> RolloutEngine:
     """The engine ``rollout.engine`` names, computing in the config's precision: what the trainer samples and
     evaluates with, and what ``rlreason eval`` evaluates with (in weight copies of its own under
-    ``train.async_rollouts``, which samples from a snapshot while the model trains; its prefill compiled under
-    ``train.compile``)."""
+    ``train.async_rollouts``, which samples from a snapshot while the model trains)."""
     own = config.train.async_rollouts or None  # None: the engine's own choice
-    return build_engine(
-        config.rollout.engine, model, tokenizer, precision(config) == "bf16", own_weights=own,
-        compile_prefill=config.train.compile,
-    )
+    return build_engine(config.rollout.engine, model, tokenizer, precision(config) == "bf16", own_weights=own)
 
 
 def eval_seed(config: Any) -> int:

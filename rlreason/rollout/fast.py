@@ -95,7 +95,6 @@ class FastEngine:
         own_weights: bool | None = None,
         kernels: str | None = None,
         release_memory: bool | None = None,
-        compile_prefill: bool = False,
     ):
         model = causal_lm(model)  # a peft model's adapters are folded into the weights (EngineWeights)
         reason = unsupported_reason(model)
@@ -131,9 +130,7 @@ class FastEngine:
         self.eos_tensor = torch.tensor([i for i in self.eos_ids if i < vocab], dtype=torch.long, device=device)
         if sharded and self.release_memory:  # no full copy until the first generate gathers one
             self.weights.drop()
-        # on CUDA the prefill is bound by the host launching its kernels (docs/benchmarks.md), and compiled it is one
-        # call a layer; the CPU's products are packed for oneDNN, which the compiled layer would not use
-        self.ops = TorchOps(model, self.dims, self.dtype, self.eos_tensor, compile_prefill=compile_prefill and cuda)
+        self.ops = TorchOps(model, self.dims, self.dtype, self.eos_tensor)
         step = TritonStep(self.ops).step if triton else self.ops.step
         self.runner = StepRunner(step, self.cuda_graphs, any_width=triton, device=device)
         self.last_stats: dict[str, Any] = {}
@@ -322,18 +319,14 @@ def _triton_available() -> bool:
 
 
 def build_engine(
-    name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bf16: bool = False,
-    own_weights: bool | None = None, compile_prefill: bool = False,
+    name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bf16: bool = False, own_weights: bool | None = None
 ):
     """The engine ``rollout.engine`` names for ``model`` (which it reads afresh at every generate): "hf" or "fast"
-    (computing in bf16 when training does; ``own_weights``: always in copies of its own, which ``snapshot`` needs;
-    ``compile_prefill``: on CUDA, its prefill compiled)."""
+    (computing in bf16 when training does; ``own_weights``: always in copies of its own, which ``snapshot`` needs)."""
     from rlreason.rollout.engine import HFEngine
 
     if name == "hf":
         return HFEngine(model, tokenizer)
     if name == "fast":
-        return FastEngine(
-            model, tokenizer, dtype=torch.bfloat16 if bf16 else None, own_weights=own_weights, compile_prefill=compile_prefill
-        )
+        return FastEngine(model, tokenizer, dtype=torch.bfloat16 if bf16 else None, own_weights=own_weights)
     raise ValueError(f"rollout.engine: unknown engine {name!r}; available: 'hf', 'fast'")

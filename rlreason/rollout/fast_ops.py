@@ -6,8 +6,6 @@ step's layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
@@ -17,21 +15,11 @@ from rlreason.rollout.engine import SamplingParams
 from rlreason.rollout.fast_weights import EngineWeights
 from rlreason.rollout.fast_workspace import ModelDims, StepShape, Workspace
 
-Linear = Callable[[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]
-"""x @ weight.T (+ bias) for a (weight, bias) pair: ``EngineWeights.linear`` or ``plain_linear``."""
-
-
-def plain_linear(x: torch.Tensor, weight_bias: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """``F.linear`` on a (weight, bias) pair: the product the compiled prefill traces."""
-    return F.linear(x, *weight_bias)
-
 
 class TorchOps:
     """The decoder's numerics shared by prefill and decode, in the compute ``dtype`` on ``device``."""
 
-    def __init__(
-        self, model: PreTrainedModel, dims: ModelDims, dtype: torch.dtype, eos: torch.Tensor, compile_prefill: bool = False
-    ):
+    def __init__(self, model: PreTrainedModel, dims: ModelDims, dtype: torch.dtype, eos: torch.Tensor):
         self.rotary_emb = model.model.rotary_emb
         self.dims, self.dtype, self.eos = dims, dtype, eos
         self.device = eos.device
@@ -43,8 +31,6 @@ class TorchOps:
         self._scores_out_dtype = cuda and dtype in (torch.bfloat16, torch.float16) and self._bmm_out_dtype_works()
         scale = [dims.head_dim**-0.5] * dims.num_heads + [1.0] * dims.num_kv_heads  # queries carry 1/sqrt(D)
         self.qk_scale = torch.tensor(scale, dtype=dtype, device=self.device).view(1, -1, 1)
-        # the prefill is ~50 small kernels a layer, bound by the host launching them; compiled, a layer is one call
-        self.compiled_layer = torch.compile(self.prefill_layer) if compile_prefill else None
 
     def _bmm_out_dtype_works(self) -> bool:
         try:  # shaped like the decode step's use: a strided, transposed right operand
@@ -72,7 +58,8 @@ class TorchOps:
         normed = (normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.dims.eps)).to(x.dtype)
         return normed if weight is None else weight * normed
 
-    def project(self, h: torch.Tensor, layer: dict, linear: Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, h: torch.Tensor, layer: dict, weights: EngineWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        linear = weights.linear
         if "qkv" in layer:
             d = self.dims
             q_size, kv_size = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
@@ -80,7 +67,8 @@ class TorchOps:
         return linear(h, layer["q"]), linear(h, layer["k"]), linear(h, layer["v"])
 
     @staticmethod
-    def mlp(h: torch.Tensor, layer: dict, linear: Linear) -> torch.Tensor:
+    def mlp(h: torch.Tensor, layer: dict, weights: EngineWeights) -> torch.Tensor:
+        linear = weights.linear
         if "gate_up" in layer:
             gate, up = linear(h, layer["gate_up"]).chunk(2, dim=-1)
         else:
@@ -112,6 +100,7 @@ class TorchOps:
         and are computed once; the rest of each prompt is left-padded after them and attends that one copy."""
         P, W = ids.shape
         S = W - shared
+        H, Hkv, D = self.dims.num_heads, self.dims.num_kv_heads, self.dims.head_dim
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cos, sin = ws.cos[positions].unsqueeze(1), ws.sin[positions].unsqueeze(1)  # [P, 1, W, D]
         cos_pre, sin_pre, cos, sin = cos[:1, :, :shared], sin[:1, :, :shared], cos[:, :, shared:], sin[:, :, shared:]
@@ -120,44 +109,30 @@ class TorchOps:
         own = (causal & mask.bool()[:, None, shared:]) | torch.eye(S, dtype=torch.bool, device=self.device)
         allowed = torch.cat([own.new_ones(P, S, shared), own], dim=2).unsqueeze(1)  # [P, 1, S, shared + S]
         x = F.embedding(torch.cat([ids[0, :shared], ids[:, shared:].flatten()]), weights.embed)  # prefix, then rows
-        # compiled: plain products (a GPU's weights are never packed), which the compiler traces
-        layer_fn, linear = (self.prefill_layer, weights.linear) if self.compiled_layer is None else (self.compiled_layer, plain_linear)
         for i, layer in enumerate(weights.layers):
-            x, kp, vp, ks, vs = layer_fn(x, layer, cos, sin, cos_pre, sin_pre, allowed, P, S, shared, linear)
+            q, k, v = self.project(self.rms(x, layer["ln1"]), layer, weights)
+            qs, ks, vs = (t[shared:].view(P, S, h, D).transpose(1, 2) for t, h in ((q, H), (k, Hkv), (v, Hkv)))
+            qp, kp, vp = (t[:shared].view(1, shared, h, D).transpose(1, 2) for t, h in ((q, H), (k, Hkv), (v, Hkv)))
+            if layer["q_norm"] is not None:
+                qs, ks = self.rms(qs, layer["q_norm"]), self.rms(ks, layer["k_norm"])
+                qp, kp = self.rms(qp, layer["q_norm"]), self.rms(kp, layer["k_norm"])
+            qs, ks, qp, kp = self.rotate(qs, cos, sin), self.rotate(ks, cos, sin), self.rotate(qp, cos_pre, sin_pre), self.rotate(kp, cos_pre, sin_pre)
             ws.kp[i, :, :, :shared].copy_(kp.expand(P, -1, -1, -1))
             ws.vp[i, :, :, :shared].copy_(vp.expand(P, -1, -1, -1))
             ws.kp[i, :, :, shared:W].copy_(ks)
             ws.vp[i, :, :, shared:W].copy_(vs)
+            keys, values = torch.cat([kp.expand(P, -1, -1, -1), ks], dim=2), torch.cat([vp.expand(P, -1, -1, -1), vs], dim=2)
+            if Hkv != H:
+                keys, values = keys.repeat_interleave(H // Hkv, dim=1), values.repeat_interleave(H // Hkv, dim=1)
+                kp, vp = kp.repeat_interleave(H // Hkv, dim=1), vp.repeat_interleave(H // Hkv, dim=1)
+            rows = F.scaled_dot_product_attention(qs, keys, values, attn_mask=allowed).transpose(1, 2).reshape(P * S, H * D)
+            if shared:
+                prefix = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True).transpose(1, 2).reshape(shared, H * D)
+                rows = torch.cat([prefix, rows])
+            x = x + weights.linear(rows, layer["o"])
+            x = x + self.mlp(self.rms(x, layer["ln2"]), layer, weights)
         last = self.rms(x[shared:].view(P, S, x.shape[-1])[:, -1], weights.norm)
         return weights.linear(last, weights.lm_head).float()
-
-    def prefill_layer(
-        self, x: torch.Tensor, layer: dict, cos: torch.Tensor, sin: torch.Tensor, cos_pre: torch.Tensor,
-        sin_pre: torch.Tensor, allowed: torch.Tensor, P: int, S: int, shared: int, linear: Linear,
-    ) -> tuple[torch.Tensor, ...]:
-        """One layer of the prefill over x [shared + P * S, hidden] (the common prefix, then the rows): the new
-        residual stream and the layer's RoPE'd keys and values, the prefix's [1, Hkv, shared, D] and the rows'
-        [P, Hkv, S, D]. Tensors and numbers only, so one compiled graph serves every layer and every call."""
-        H, Hkv, D = self.dims.num_heads, self.dims.num_kv_heads, self.dims.head_dim
-        q, k, v = self.project(self.rms(x, layer["ln1"]), layer, linear)
-        qs, ks, vs = (t[shared:].view(P, S, n, D).transpose(1, 2) for t, n in ((q, H), (k, Hkv), (v, Hkv)))
-        qp, kp, vp = (t[:shared].view(1, shared, n, D).transpose(1, 2) for t, n in ((q, H), (k, Hkv), (v, Hkv)))
-        if layer["q_norm"] is not None:
-            qs, ks = self.rms(qs, layer["q_norm"]), self.rms(ks, layer["k_norm"])
-            qp, kp = self.rms(qp, layer["q_norm"]), self.rms(kp, layer["k_norm"])
-        qs, ks, qp, kp = self.rotate(qs, cos, sin), self.rotate(ks, cos, sin), self.rotate(qp, cos_pre, sin_pre), self.rotate(kp, cos_pre, sin_pre)
-        keys, values = torch.cat([kp.expand(P, -1, -1, -1), ks], dim=2), torch.cat([vp.expand(P, -1, -1, -1), vs], dim=2)
-        kp_heads, vp_heads = kp, vp
-        if Hkv != H:
-            keys, values = keys.repeat_interleave(H // Hkv, dim=1), values.repeat_interleave(H // Hkv, dim=1)
-            kp_heads, vp_heads = kp.repeat_interleave(H // Hkv, dim=1), vp.repeat_interleave(H // Hkv, dim=1)
-        rows = F.scaled_dot_product_attention(qs, keys, values, attn_mask=allowed).transpose(1, 2).reshape(P * S, H * D)
-        if shared:
-            prefix = F.scaled_dot_product_attention(qp, kp_heads, vp_heads, is_causal=True).transpose(1, 2).reshape(shared, H * D)
-            rows = torch.cat([prefix, rows])
-        x = x + linear(rows, layer["o"])
-        x = x + self.mlp(self.rms(x, layer["ln2"]), layer, linear)
-        return x, kp, vp, ks, vs
 
     # ------------------------------------------------------------------ sampling
 
@@ -217,7 +192,7 @@ class TorchOps:
                 qkv = weights.linear(h, layer["qkv"])
                 qk, v = qkv[:, : (H + Hkv) * D].view(R, H + Hkv, D), qkv[:, (H + Hkv) * D :].view(R, Hkv, D)
             else:
-                q, k, v = self.project(h, layer, weights.linear)
+                q, k, v = self.project(h, layer, weights)
                 qk, v = torch.cat([q.view(R, H, D), k.view(R, Hkv, D)], dim=1), v.view(R, Hkv, D)
             if layer["q_norm"] is not None:
                 qk = torch.cat([self.rms(qk[:, :H], layer["q_norm"]), self.rms(qk[:, H:], layer["k_norm"])], dim=1)
@@ -237,7 +212,7 @@ class TorchOps:
             o = o + torch.bmm(p[..., Wp:].reshape(Pp * Hkv * G, rep, B), vc_i[..., :B, :].reshape(Pp * Hkv * G, B, D)).view(Pp, Hkv, G, rep, D)
             o = _contiguous_in(o.transpose(1, 2), self.dtype).view(R, H * D)
             x = x + weights.linear(o, layer["o"])
-            x = x + self.mlp(self.rms(x, layer["ln2"]), layer, weights.linear)
+            x = x + self.mlp(self.rms(x, layer["ln2"]), layer, weights)
         self.record(ws, R, weights.linear(self.rms(x, weights.norm), weights.lm_head), sampling)
 
 
