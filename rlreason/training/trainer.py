@@ -219,8 +219,8 @@ class Trainer:
         batch = self._sample_groups(P, G)
         stale = batch.stale  # sampled by the weights before the last update
         score_time = 0.0 if stale else batch.score_time  # prefetched: the wait is the generation, scoring ran beside
-        t_generate = time.perf_counter() - score_time
-        t_score = t_generate + score_time
+        t_score = time.perf_counter()
+        t_generate = t_score - score_time
         rewards = torch.tensor(batch.scores.total, dtype=torch.float32).view(P, G)
 
         rollout, inputs = batch.rollout, self._model_inputs(batch.rollout)
