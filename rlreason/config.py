@@ -214,6 +214,12 @@ class TrainConfig:
     where either half leaves the device idle (a GPU's uncompiled update, slow scoring); on a CPU both halves compete
     for the same cores. Needs rollout.engine "fast"; one process; not with train.rollout_correction or
     train.top_entropy_quantile < 1."""
+    skip_zero_advantage: bool = True
+    """Leave completions whose advantage is exactly 0 (every completion of a group whose rewards are all equal) out of the update's forward and backward passes. Their loss is the advantage times the surrogate, so
+    their gradient is exactly 0 and the update is the same; the token weights still count the whole batch. Ignored
+    where the loss gives them a gradient: a KL term in the loss (beta > 0 without kl_in_reward) or an entropy
+    bonus. The update's per-token metrics (ratio, entropy, clip fractions, rollout/*) then cover the completions
+    it ran; ``update_fraction`` logs their share of the batch."""
     max_bad_steps: int = 3
     """Stop after this many consecutive steps whose update was skipped for a non-finite loss or gradient."""
     seed: int = 0

@@ -68,8 +68,8 @@ class FrozenPass:
     def to(self, device: torch.device) -> FrozenPass:
         return FrozenPass(*(None if t is None else t.to(device) for t in self._tensors()))
 
-    def select(self, rows: slice, width: int) -> FrozenPass:
-        """The rows of a micro-batch, cut to its completion width."""
+    def select(self, rows: slice | torch.Tensor, width: int | None = None) -> FrozenPass:
+        """Some rows (a micro-batch's, or an index), cut to a completion width."""
         return FrozenPass(*(None if t is None else t[rows, :width] for t in self._tensors()))
 
 
@@ -93,8 +93,8 @@ class TokenWeights:
     def to(self, device: torch.device) -> TokenWeights:
         return TokenWeights(self.weights.to(device), None if self.policy is None else self.policy.to(device))
 
-    def select(self, rows: slice, width: int) -> TokenWeights:
-        """The rows of a micro-batch, cut to its completion width."""
+    def select(self, rows: slice | torch.Tensor, width: int | None = None) -> TokenWeights:
+        """Some rows (a micro-batch's, or an index), cut to a completion width."""
         policy = None if self.policy is None else self.policy[rows, :width]
         return TokenWeights(self.weights[rows, :width], policy)
 
@@ -123,6 +123,7 @@ class Objective:
     rollout_correction: str = "none"
     rollout_correction_cap: float = 2.0
     rollout_correction_low: float | None = None
+    skip_zero_advantage: bool = True
 
     @classmethod
     def from_config(cls, config: Config) -> Objective:
@@ -135,7 +136,7 @@ class Objective:
             overlong_buffer=tr.overlong_buffer, entropy_coef=tr.entropy_coef,
             top_entropy_quantile=tr.top_entropy_quantile, num_iterations=tr.num_iterations,
             rollout_correction=tr.rollout_correction, rollout_correction_cap=tr.rollout_correction_cap,
-            rollout_correction_low=tr.rollout_correction_low,
+            rollout_correction_low=tr.rollout_correction_low, skip_zero_advantage=tr.skip_zero_advantage,
         )
 
     # ---------------------------------------------------------------- what a step needs
@@ -166,6 +167,14 @@ class Objective:
     @property
     def kl_in_loss(self) -> bool:
         return self.beta > 0 and not self.kl_in_reward
+
+    def has_gradient(self, advantages: torch.Tensor) -> torch.Tensor:
+        """The completions [N] whose loss can have a gradient. Without a KL term in the loss or an entropy bonus, a
+        completion's loss is its advantage times the (clipped, corrected, masked) ratio, so one of advantage 0 has
+        none, and the update can leave it out (``train.skip_zero_advantage``)."""
+        if not self.skip_zero_advantage or self.kl_in_loss or self.entropy_grad:
+            return torch.ones_like(advantages, dtype=torch.bool)
+        return advantages != 0
 
     def refreshes_reference(self, step: int) -> bool:
         """The reference becomes the policy at the end of ``step`` (``ref_update_every``)."""

@@ -3,6 +3,7 @@ sampling; and the per-micro-batch model inputs and frozen passes over the sample
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,6 +117,22 @@ def aggregate_over_processes(
 
 def micro_batches(n: int, size: int) -> list[slice]:
     return [slice(s, s + size) for s in range(0, n, size)]
+
+
+def update_rows(
+    has_gradient: torch.Tensor, micro_batch_size: int, accelerator: Accelerator, whole_micro_batches: bool = False
+) -> torch.Tensor:
+    """The rows an update runs forward and backward, in batch order (a group's completions stay together): those
+    with a gradient, topped up with rows without one where shapes or collectives need them. Every process runs as
+    many micro-batches as the busiest (DDP and FSDP run collectives in each pass, so the counts must match);
+    ``whole_micro_batches`` keeps every micro-batch but the batch's last at full size (one CUDA graph per shape)."""
+    n, kept = len(has_gradient), int(has_gradient.sum())
+    target = min(math.ceil(kept / micro_batch_size) * micro_batch_size, n) if whole_micro_batches else kept
+    if accelerator.num_processes > 1:
+        busiest = max(gather_object([math.ceil(kept / micro_batch_size)]))
+        target = max(target, min((busiest - 1) * micro_batch_size + 1, n)) if busiest else target
+    filler = (~has_gradient).nonzero().flatten()[: target - kept]
+    return torch.cat([has_gradient.nonzero().flatten(), filler]).sort().values
 
 
 def model_inputs(rollout: Rollout, config: Config, pad_id: int, device: torch.device) -> list[LogprobInputs]:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from rlreason.config import Config, ConfigError, save_config
 from rlreason.data import PromptStream
-from rlreason.objective.objective import FrozenPass, Objective, TokenWeights
+from rlreason.objective.objective import FrozenPass, Objective, TokenMean, TokenWeights
 from rlreason.observe.evaluate import describe, evaluate_config, policy_engine
 from rlreason.observe.reasoning import Milestones, token_counter
 from rlreason.observe.runlog import (
@@ -43,7 +43,7 @@ from rlreason.observe.runlog import (
     read_jsonl,
     restart_logs,
 )
-from rlreason.rollout.engine import Rollout, SamplingParams
+from rlreason.rollout.engine import Rollout, SamplingParams, concat_rollouts
 from rlreason.rollout.episodes import Episodes
 from rlreason.training import interrupt, sft
 from rlreason.training.checkpoint import (
@@ -62,6 +62,7 @@ from rlreason.training.groups import (
     frozen_logprobs,
     micro_batches,
     model_inputs,
+    update_rows,
 )
 from rlreason.training.logprobs import LogprobInputs, logprobs_from_inputs
 from rlreason.training.packed_products import packed_products
@@ -223,11 +224,11 @@ class Trainer:
         t_generate = t_score - score_time
         rewards = torch.tensor(batch.scores.total, dtype=torch.float32).view(P, G)
 
-        rollout, inputs = batch.rollout, self._model_inputs(batch.rollout)
-        frozen = self._frozen_pass(rollout, inputs, stale)
+        rollout = batch.rollout
+        frozen = self._frozen_pass(rollout, stale)
         shaped, shaping = self.objective.shape_rewards(rewards, rollout.loss_mask, frozen)
         advantages = self.objective.advantages(shaped)
-        stats = {**batch.stats, **shaping, **self.optimize(rollout, advantages, frozen, inputs, stale=stale)}
+        stats = {**batch.stats, **shaping, **self.optimize(rollout, advantages, frozen, stale=stale)}
         t_end = time.perf_counter()
         self.step += 1
 
@@ -257,16 +258,19 @@ class Trainer:
             self.prefetch.start(P, G)
         return batch
 
-    def _frozen_pass(self, rollout: Rollout, inputs: list[LogprobInputs], stale: bool = False) -> FrozenPass:
-        """What the objective needs from models that are not being updated, computed once per batch, and the
-        log-probs the engine recorded while sampling (the objective logs its gap to them, and may correct it).
+    def _frozen_pass(self, rollout: Rollout, stale: bool = False) -> FrozenPass:
+        """What the objective needs from models that are not being updated, computed once per batch over all of it,
+        and the log-probs the engine recorded while sampling (the objective logs its gap to them, and may correct it).
         ``stale``: sampled by older weights than the model's, so the recorded log-probs are the only old policy's."""
         old = entropy = ref = None
         temperature = self.config.rollout.temperature
         recorded = self.config.train.rollout_logprobs or stale
-        if recorded and rollout.logprobs is not None and not self.objective.needs_entropy:
+        recorded = recorded and rollout.logprobs is not None and not self.objective.needs_entropy
+        own_pass = self.objective.needs_old_logprobs and not recorded
+        inputs = self._model_inputs(rollout) if own_pass or self.objective.needs_reference else []
+        if recorded:
             old = rollout.logprobs  # recorded while sampling: no forward pass
-        elif self.objective.needs_old_logprobs:
+        elif own_pass:
             old, entropy = frozen_logprobs(self.model, rollout, inputs, self.accelerator, temperature, self.head_math)
         if self.objective.needs_reference:
             with self._reference() as reference:
@@ -284,23 +288,27 @@ class Trainer:
             yield self.model
 
     def optimize(
-        self, rollout: Rollout, advantages: torch.Tensor, frozen: FrozenPass, inputs: list[LogprobInputs], stale: bool = False
+        self, rollout: Rollout, advantages: torch.Tensor, frozen: FrozenPass, stale: bool = False
     ) -> dict[str, Any]:
         """``num_iterations`` optimizer steps over the batch, each accumulating gradients over micro-batches.
 
-        ``frozen`` is ``_frozen_pass(rollout, inputs, stale)``; ``inputs`` is ``_model_inputs(rollout)``, already on the
-        device, so the loop below never waits on the host. Per-token stats are ``TokenMean``s over every iteration's
-        tokens; the first iteration's forward passes are at the sampling weights (``Objective.loss``'s ``fresh``)
-        unless the batch is ``stale`` (``train.async_rollouts``).
+        ``frozen`` is ``_frozen_pass(rollout, stale)``. The passes run over the rows ``Objective.has_gradient`` keeps
+        (``update_rows``), whose model inputs are laid out once, on the device before the loop, so that it never
+        waits on the host; the token weights are the whole batch's. Per-token stats are ``TokenMean``s over every
+        iteration's tokens; the first iteration's forward passes are at the sampling weights (``Objective.loss``'s
+        ``fresh``) unless the batch is ``stale`` (``train.async_rollouts``).
         """
-        objective, device = self.objective, self.accelerator.device
+        objective, device, tr = self.objective, self.accelerator.device, self.config.train
         aggregate = partial(aggregate_over_processes, objective.aggregate, self.accelerator)
         weights = objective.weigh(rollout.loss_mask, rollout.truncated, frozen.entropy, aggregate)
-        step = UpdateBatch(advantages.to(device), objective.loss_inputs(frozen, stale).to(device), weights.to(device))
-        slices = micro_batches(len(advantages), self.config.train.micro_batch_size)
+        rows = update_rows(objective.has_gradient(advantages), tr.micro_batch_size, self.accelerator, tr.cuda_graphs)
+        frozen_rows = objective.loss_inputs(frozen, stale).select(rows)
+        step = UpdateBatch(advantages[rows].to(device), frozen_rows.to(device), weights.select(rows).to(device))
+        inputs = self._model_inputs(self._rows(rollout, rows.tolist())) if len(rows) else []
+        slices = micro_batches(len(rows), tr.micro_batch_size)
         sums, losses, grad_norms = TokenSums(), [], []
         self.model.train()
-        if self.config.train.cuda_graphs:
+        if tr.cuda_graphs or not slices:  # no pass at all: zero gradients, so that the optimizer steps as on any batch
             keep_gradients(self.model)
         for iteration in range(objective.num_iterations):
             with packed_products(self.model, enabled=not self.config.train.compile):
@@ -314,7 +322,8 @@ class Trainer:
         if grad_norms:
             out["grad_norm"] = float(np.mean(grad_norms))
         out["skipped_updates"] = float(objective.num_iterations - len(grad_norms))
-        out["loss"] = float(torch.stack(losses).sum()) / objective.num_iterations
+        out["loss"] = float(torch.stack(losses).sum()) / objective.num_iterations if losses else 0.0
+        out["update_fraction"] = TokenMean(float(len(rows)), float(len(advantages)))
         out |= objective.batch_metrics(weights, rollout.loss_mask, rollout.truncated)
         if objective.refreshes_reference(self.step + 1):  # self.step + 1: the step ending now
             self._refresh_reference()
@@ -351,7 +360,7 @@ class Trainer:
         (such an update would poison the weights for good: it is dropped and said so). Returns the norm, if applied."""
         max_norm = self.config.train.max_grad_norm or float("inf")  # clipping off: the norm is still computed
         grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
-        applied = math.isfinite(grad_norm) and bool(torch.isfinite(torch.stack(losses)).all())
+        applied = math.isfinite(grad_norm) and (not losses or bool(torch.isfinite(torch.stack(losses)).all()))
         if applied:
             self.optimizer.step()
             self.scheduler.step()
@@ -367,6 +376,9 @@ class Trainer:
 
     def _model_inputs(self, rollout: Rollout) -> list[LogprobInputs]:
         return model_inputs(rollout, self.config, self.tokenizer.pad_token_id, self.accelerator.device)
+
+    def _rows(self, rollout: Rollout, rows: list[int]) -> Rollout:
+        return rollout if len(rows) == len(rollout.texts) else concat_rollouts([(rollout, rows)], self.tokenizer.pad_token_id)
 
     # ---------------------------------------------------------------- evaluation
 
