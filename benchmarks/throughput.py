@@ -6,7 +6,7 @@
 Both sides get the same random-init model (or the default model), the same prompts (two-number sums in the R1 chat
 format), the same reward (benchmarks.workload.digit_share), P prompts x G completions per optimizer step, one pass
 over the batch (num_iterations 1), no KL (beta 0), the same micro-batch size, the same precision and no gradient
-checkpointing. Every completion is forced to exactly --max-new-tokens tokens (end-of-sequence suppressed:
+checkpointing. Every completion runs through the update on both sides (rlreason's train.skip_zero_advantage off). Every completion is forced to exactly --max-new-tokens tokens (end-of-sequence suppressed:
 ``min_new_tokens`` on both sides), so completion tokens per second compare like for like.
 
 A step is timed whole: on the rlreason side ``Trainer.train_step`` (sample, score, advantages, optimize, logging);
@@ -174,6 +174,7 @@ def run_rlreason(args: argparse.Namespace, model_dir: Path, rows: list[dict[str,
             compile=args.compile,
             cuda_graphs=args.cuda_graphs,
             shared_prompt=args.shared_prompt,
+            skip_zero_advantage=False,
             **({"packing": args.packing} if args.packing is not None else {}),
         ),
         run=RunConfig(output_dir=str(work / "rlreason-run"), overwrite=True, progress=False, eval_before=False),

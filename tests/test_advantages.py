@@ -59,6 +59,16 @@ def test_equal_rewards_give_zero_advantage_not_nan(estimator, scale):
 
 
 @pytest.mark.parametrize("estimator", ["group", "rloo"])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_equal_rewards_give_exactly_zero_advantage_where_their_mean_rounds(estimator, scale):
+    """1 + 0.2 (a right answer in format): float32's mean of eight of them is off by 1.2e-7."""
+    rewards = torch.tensor([[1.2] * 8, [0.2, 1.2, 0.2, 0.2, 1.2, 0.2, 0.2, 0.2]])
+    assert float(rewards[0].mean()) != float(rewards[0, 0])
+    advantages = compute_advantages(rewards, estimator, scale)
+    assert torch.equal(advantages[0], torch.zeros(8)) and advantages[1].abs().min() > 0.1
+
+
+@pytest.mark.parametrize("estimator", ["group", "rloo"])
 def test_groups_are_independent_under_group_scaling(estimator):
     a = torch.tensor([[1.0, 0.0], [5.0, 7.0]])
     b = torch.tensor([[1.0, 0.0], [50.0, -7.0]])

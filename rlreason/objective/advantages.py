@@ -42,11 +42,17 @@ def scale_advantages(centred: torch.Tensor, rewards: torch.Tensor, scale: str = 
     raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
 
 
+def centred_rewards(rewards: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """r - baseline, and exactly 0 in a group whose rewards are all equal: the mean of G equal float32 rewards can
+    be off by a rounding (1.2 - mean(1.2 x 8) = 1.2e-7), which the std's division would turn into an advantage of
+    1e-3 where there is no signal."""
+    return torch.where(zero_variance_groups(rewards).unsqueeze(1), 0.0, rewards - baseline)
+
+
 def group_advantages(rewards: torch.Tensor, scale: str = "group") -> torch.Tensor:
     """GRPO: r - mean(group), then scaled (``scale_advantages``); std is the unbiased sample std, as in TRL."""
     _check(rewards)
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    return scale_advantages(centred, rewards, scale)
+    return scale_advantages(centred_rewards(rewards, rewards.mean(dim=1, keepdim=True)), rewards, scale)
 
 
 def rloo_advantages(rewards: torch.Tensor, scale: str = "none") -> torch.Tensor:
@@ -54,7 +60,7 @@ def rloo_advantages(rewards: torch.Tensor, scale: str = "none") -> torch.Tensor:
     _check(rewards)
     G = rewards.shape[1]
     leave_one_out = (rewards.sum(dim=1, keepdim=True) - rewards) / (G - 1)  # <- the one difference from GRPO
-    return scale_advantages(rewards - leave_one_out, rewards, scale)
+    return scale_advantages(centred_rewards(rewards, leave_one_out), rewards, scale)
 
 
 def compute_advantages(rewards: torch.Tensor, estimator: str = "group", scale: str = "group") -> torch.Tensor:
