@@ -5,6 +5,7 @@ Nothing here touches a hub: every model is built locally from a config in a temp
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 
@@ -128,6 +129,12 @@ def sevens(completions: list[str], samples: list[dict]) -> list[float]:
 def char_codes(completions: list[str], samples: list[dict]) -> list[float]:
     """A dense reward that differs between almost any two completions: mean character code, scaled to ~[0, 1]."""
     return [sum(map(ord, c)) / len(c) / 128 if c else 0.0 for c in completions]
+
+
+def flat_on_the_first_process(completions: list[str], samples: list[dict]) -> list[float]:
+    """``char_codes``, but 0 for every completion the first process of an ``accelerate launch`` scores: its groups
+    are all flat, so it has nothing to train while the others do."""
+    return [0.0] * len(completions) if os.environ.get("RANK", "0") == "0" else char_codes(completions, samples)
 
 
 @pytest.fixture(autouse=True)

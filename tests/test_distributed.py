@@ -39,9 +39,9 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     model = make_tiny_model(root / "model", seed=5)
 
-    def config(name: str, **train) -> Path:
+    def config(name: str, reward: str = "conftest:char_codes", **train) -> Path:
         return write_config(
-            root / f"{name}.yaml", model, root / name, rewards=[{"name": "conftest:char_codes"}],
+            root / f"{name}.yaml", model, root / name, rewards=[{"name": reward}],
             rollout={"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 32},  # long enough to end at different lengths
             train={"steps": 1, "learning_rate": 1e-2, "micro_batch_size": 8, "bf16": "false", "seed": 1, **train},
             run={"eval_before": False, "save_every": 1, "keep_last": 3},
@@ -82,6 +82,19 @@ def test_two_process_run_resumes_from_its_checkpoint(setup):
     diff = max((x - y).abs().max().item() for x, y in zip(weights(root / "straight", 2), weights(root / "resumed", 2), strict=True))
     assert diff < 1e-5
     assert json.loads((root / "resumed" / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_process_with_nothing_to_train_runs_as_many_passes_as_the_other(setup):
+    """train.skip_zero_advantage with every group of process 0 flat and none of process 1's: process 0 still runs one
+    micro-batch (one row), so the gradient all-reduce finds both, and the weights are those of the run that trains
+    every completion."""
+    root, config = setup
+    for skip in (True, False):
+        launch(config(f"flat-{skip}", "conftest:flat_on_the_first_process", skip_zero_advantage=skip), processes=2)
+    skipped, whole = read_jsonl(root / "flat-True" / "metrics.jsonl")[0], read_jsonl(root / "flat-False" / "metrics.jsonl")[0]
+    assert skipped["zero_std_groups"] == 0.5 and skipped["update_fraction"] == (1 + 8) / 16 and whole["update_fraction"] == 1
+    diff = max((a - b).abs().max().item() for a, b in zip(weights(root / "flat-True", 1), weights(root / "flat-False", 1), strict=True))
+    assert diff < 1e-6
 
 
 def test_a_deepspeed_launch_is_refused_with_one_line_naming_fsdp2(monkeypatch, tmp_path):

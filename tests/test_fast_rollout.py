@@ -236,7 +236,7 @@ def test_a_training_step_with_the_fast_engine_packing_and_rollout_logprobs(tiny_
         tmp_path / "c.yaml", tiny_llama, tmp_path / "run",
         rollout={"engine": "fast"},
         train={"packing": True, "rollout_logprobs": True, "num_iterations": 2, "steps": 1},
-        rewards=[{"name": "conftest:sevens"}],
+        rewards=[{"name": "conftest:char_codes"}],  # no flat group: every completion runs through the update
     )
     trainer = Trainer(load_config(path))
     assert isinstance(trainer.engine, Fast)
