@@ -2,9 +2,10 @@
 
 One step: take P prompts -> sample G completions each (DAPO dynamic sampling: resample groups with no signal)
 -> score them -> shape rewards -> group-relative advantages -> ``num_iterations`` optimizer steps on the per-token
-loss, aggregated by per-token weights -> log every completion and the step's metrics -> checkpoint. Every choice of
-the objective (which frozen passes a step needs, reward shaping, token weights, the loss and its metrics) is the
-``Objective``'s (rlreason/objective/objective.py), built once from the config; this loop never reads its options.
+loss of the completions that have a gradient, aggregated by the whole batch's per-token weights -> log every
+completion and the step's metrics -> checkpoint. Every choice of the objective (which frozen passes a step needs,
+reward shaping, token weights, which completions have a gradient, the loss and its metrics) is the ``Objective``'s
+(rlreason/objective/objective.py), built once from the config; this loop never reads its options.
 
 Left out on purpose (see the README): value networks, reward models, and any advantage or loss not
 selected by config; each stage is a pure function in its own module and is tested alone.
