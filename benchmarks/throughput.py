@@ -84,9 +84,13 @@ def ceilings(dtype: torch.dtype) -> tuple[float, float]:
     return 2 * x.numel() * 4 / best_s(lambda: y.copy_(x), 5), 2 * 2048**3 / best_s(lambda: a @ b, 5)
 
 
-def train_flops(model_dir: Path, prompt_lengths: list[int], completion_length: int, group: int) -> float:
+def train_flops(
+    model_dir: Path, prompt_lengths: list[int], completion_length: int, group: int, shared_prompt: bool = False
+) -> float:
     """FLOPs of one forward + backward over the batch: 6 x body parameters x tokens, the head on completion
-    positions only, and causal attention (6 x layers x hidden x length^2 per sequence)."""
+    positions only, and causal attention (6 x layers x hidden x length^2 per sequence). ``shared_prompt``: each
+    group's prompt once, as rlreason's train.shared_prompt computes it (a completion's attention is then its
+    sequence's square less the prompt's)."""
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(model_dir)
@@ -95,8 +99,13 @@ def train_flops(model_dir: Path, prompt_lengths: list[int], completion_length: i
     body = c.num_hidden_layers * per_layer
     head = c.vocab_size * c.hidden_size
     lengths = [p + completion_length for p in prompt_lengths for _ in range(group)]
-    attention = sum(6 * c.num_hidden_layers * c.hidden_size * n * n for n in lengths)
-    return 6 * body * sum(lengths) + 6 * head * completion_length * len(lengths) + attention
+    squares = sum(n * n for n in lengths)
+    tokens = sum(lengths)
+    if shared_prompt:
+        squares -= (group - 1) * sum(p * p for p in prompt_lengths)
+        tokens -= (group - 1) * sum(prompt_lengths)
+    attention = 6 * c.num_hidden_layers * c.hidden_size * squares
+    return 6 * body * tokens + 6 * head * completion_length * len(lengths) + attention
 
 
 def decode_bytes(model_dir: Path, prompt_lengths: list[int], completion_length: int, group: int) -> float:
@@ -414,6 +423,7 @@ def main() -> None:
         model_dir = workload.build_model(args.model, work / "model", tokenizer, getattr(torch, args.dtype))
         prompt_lengths = [len(tokenizer(render(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]) for r in rows[: args.prompts]]
         flops = train_flops(model_dir, prompt_lengths, args.max_new_tokens, args.group)
+        shared_flops = train_flops(model_dir, prompt_lengths, args.max_new_tokens, args.group, shared_prompt=True)
         read_bytes = decode_bytes(model_dir, prompt_lengths, args.max_new_tokens, args.group)
         for side in args.sides.split(","):
             torch.manual_seed(0)
@@ -432,7 +442,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         r["tokens_per_s"] = r["tokens_per_step"] / r["step_s"]
-        r["train_mfu"] = flops / r["optimize_s"] / peak
+        computed = shared_flops if args.shared_prompt and r["side"].startswith("rlreason") else flops
+        r["train_mfu"] = computed / r["optimize_s"] / peak  # of the FLOPs this side computes
         print(f"| {r['side']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['generate_s']:.2f} | "
               f"{r['optimize_s']:.2f} | {r['train_mfu']:.1%} | {r['peak_gb']:.2f} | {r['reserved_gb']:.2f} |")
     if any("async" in r["side"] for r in results):
@@ -452,11 +463,13 @@ def main() -> None:
             print(f"{r['side']}: generate {r['generate_s'] / args.max_new_tokens * 1e3:.2f} ms per token position (prefill included)")
     matmul = "bf16" if args.bf16 else "float32"
     print(f"ceilings measured here: copy {bandwidth / 1e9:.1f} GB/s, {matmul} matmul {peak / 1e12:.2f} TFLOP/s; "
-          f"train FLOPs per step {flops / 1e12:.2f} TFLOP")
+          f"train FLOPs per step {flops / 1e12:.2f} TFLOP"
+          + (f" ({shared_flops / 1e12:.2f} as rlreason computes them, each group's prompt once)" if args.shared_prompt else ""))
     generation, training = read_bytes / bandwidth, flops / peak
     floor = generation + training
     print(f"\nfloor: generation {generation / args.max_new_tokens * 1e3:.3f} ms x {args.max_new_tokens} tokens + "
-          f"training {flops / 1e12:.2f} TFLOP at {peak / 1e12:.2f} TFLOP/s = {floor:.3f} s/step")
+          f"training {flops / 1e12:.2f} TFLOP at {peak / 1e12:.2f} TFLOP/s = {floor:.3f} s/step"
+          + (" (the floor's training counts every completion's prompt)" if args.shared_prompt else ""))
     print("| side | step (s) | floor (s) | step / floor | generate / its floor | train / its floor |")
     print("|---|---|---|---|---|---|")
     for r in results:
