@@ -76,8 +76,8 @@ def test_each_batch_after_the_first_is_sampled_by_the_weights_before_the_last_up
         sampled_by.append(trainer.engine.weights.layers[0]["o"][0].clone())
         return generate(*args, **kwargs)
 
-    def recording_frozen_pass(rollout, stale=False):
-        frozen = frozen_pass(rollout, stale)
+    def recording_frozen_pass(rollout, inputs, stale=False):
+        frozen = frozen_pass(rollout, inputs, stale)
         old_logprobs.append((frozen.old, rollout.logprobs))
         return frozen
 

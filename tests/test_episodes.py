@@ -208,7 +208,7 @@ def test_the_trainer_gives_observation_tokens_no_gradient(tiny_llama, tmp_path):
 
     hook = trainer.model.model.norm.register_forward_hook(keep_hidden)
     try:
-        trainer.optimize(rollout, torch.linspace(-1, 1, 8), FrozenPass())
+        trainer.optimize(rollout, torch.linspace(-1, 1, 8), FrozenPass(), lambda: [inputs])
     finally:
         hook.remove()
     grad = captured[-1].grad.abs().sum(dim=-1)

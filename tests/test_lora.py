@@ -76,7 +76,7 @@ def test_only_adapters_train_and_the_reference_is_the_base_model(tiny_llama, tmp
 
     batch = trainer._sample_groups(1, config.rollout.group_size)
     rollout = batch.rollout
-    frozen = trainer._frozen_pass(rollout)
+    frozen = trainer._frozen_pass(rollout, lambda: trainer._model_inputs(rollout))
     args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
     with torch.no_grad(), trainer.accelerator.autocast():  # the run's precision
         expected, _ = completion_logprobs(base, *args)

@@ -1,6 +1,9 @@
 """train.skip_zero_advantage: completions of advantage 0 are left out of the update's passes, and the update is the
 same as over the whole batch."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 from conftest import write_config
@@ -96,7 +99,8 @@ def _update(trainer, rollout, advantages):
     trainer.optimizer.step = recording_step
     hook = trainer.model.register_forward_hook(lambda *_: forwards.append(1))
     try:
-        metrics = trainer.optimize(rollout, advantages, trainer._frozen_pass(rollout))
+        inputs = lambda: trainer._model_inputs(rollout)  # noqa: E731
+        metrics = trainer.optimize(rollout, advantages, trainer._frozen_pass(rollout, inputs), inputs)
     finally:
         hook.remove()
     return gradients, metrics, len(forwards)
@@ -138,3 +142,19 @@ def test_an_update_with_nothing_to_train_still_steps_the_optimizer(tiny_llama, t
     assert not all(torch.equal(a, b) for a, b in zip(before, weights[True], strict=True))
     for a, b in zip(weights[False], weights[True], strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("train", "layouts"), [({"beta": 0.1}, 1), ({"num_iterations": 2}, 2)])
+def test_a_step_lays_out_its_batch_once_for_the_frozen_passes_and_an_update_of_all_of_it(tiny_llama, tmp_path, train, layouts):
+    """With a KL term every completion trains: the update reuses the layout the reference's pass made. With a flat
+    group the update lays out its own rows."""
+    trainer = _trainer(tmp_path, tiny_llama, "layouts", **train)
+    laid_out = []
+    build = trainer._model_inputs
+    trainer._model_inputs = lambda rollout: laid_out.append(len(rollout.texts)) or build(rollout)
+    batch = trainer._sample_groups(2, 4)
+    trainer._sample_groups = lambda P, G: dataclasses.replace(
+        batch, scores=dataclasses.replace(batch.scores, total=np.concatenate([np.full(4, 0.5), batch.scores.total[4:]]))
+    )  # the first group flat
+    trainer.train_step()
+    assert laid_out == ([8] if layouts == 1 else [8, 4])

@@ -143,7 +143,8 @@ def test_the_step_logs_the_gap_over_the_policy_s_tokens_at_the_sampling_weights(
         trainer.model, rollout, trainer._model_inputs(rollout), trainer.accelerator, 0.7, trainer.head_math
     )
     rollout = dataclasses.replace(rollout, logprobs=trained - offsets, observation_mask=observation.long())
-    stats = trainer.optimize(rollout, torch.linspace(-1, 1, 8), trainer._frozen_pass(rollout))
+    inputs = lambda: trainer._model_inputs(rollout)  # noqa: E731
+    stats = trainer.optimize(rollout, torch.linspace(-1, 1, 8), trainer._frozen_pass(rollout, inputs), inputs)
 
     policy = rollout.loss_mask.bool()
     assert stats["rollout/logprob_gap"].tokens == int(policy.sum())  # the first pass's tokens only

@@ -14,11 +14,12 @@ selected by config; each stage is a pure function in its own module and is teste
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -226,10 +227,11 @@ class Trainer:
         rewards = torch.tensor(batch.scores.total, dtype=torch.float32).view(P, G)
 
         rollout = batch.rollout
-        frozen = self._frozen_pass(rollout, stale)
+        inputs = functools.cache(partial(self._model_inputs, rollout))  # laid out once, by the first pass that needs them
+        frozen = self._frozen_pass(rollout, inputs, stale)
         shaped, shaping = self.objective.shape_rewards(rewards, rollout.loss_mask, frozen)
         advantages = self.objective.advantages(shaped)
-        stats = {**batch.stats, **shaping, **self.optimize(rollout, advantages, frozen, stale=stale)}
+        stats = {**batch.stats, **shaping, **self.optimize(rollout, advantages, frozen, inputs, stale=stale)}
         t_end = time.perf_counter()
         self.step += 1
 
@@ -259,23 +261,21 @@ class Trainer:
             self.prefetch.start(P, G)
         return batch
 
-    def _frozen_pass(self, rollout: Rollout, stale: bool = False) -> FrozenPass:
+    def _frozen_pass(self, rollout: Rollout, inputs: Callable[[], list[LogprobInputs]], stale: bool = False) -> FrozenPass:
         """What the objective needs from models that are not being updated, computed once per batch over all of it,
         and the log-probs the engine recorded while sampling (the objective logs its gap to them, and may correct it).
-        ``stale``: sampled by older weights than the model's, so the recorded log-probs are the only old policy's."""
+        ``inputs`` lays out the batch's model inputs (``_model_inputs``), asked only where a model runs. ``stale``:
+        sampled by older weights than the model's, so the recorded log-probs are the only old policy's."""
         old = entropy = ref = None
         temperature = self.config.rollout.temperature
         recorded = self.config.train.rollout_logprobs or stale
-        recorded = recorded and rollout.logprobs is not None and not self.objective.needs_entropy
-        own_pass = self.objective.needs_old_logprobs and not recorded
-        inputs = self._model_inputs(rollout) if own_pass or self.objective.needs_reference else []
-        if recorded:
+        if recorded and rollout.logprobs is not None and not self.objective.needs_entropy:
             old = rollout.logprobs  # recorded while sampling: no forward pass
-        elif own_pass:
-            old, entropy = frozen_logprobs(self.model, rollout, inputs, self.accelerator, temperature, self.head_math)
+        elif self.objective.needs_old_logprobs:
+            old, entropy = frozen_logprobs(self.model, rollout, inputs(), self.accelerator, temperature, self.head_math)
         if self.objective.needs_reference:
             with self._reference() as reference:
-                ref, _ = frozen_logprobs(reference, rollout, inputs, self.accelerator, temperature, self.head_math)
+                ref, _ = frozen_logprobs(reference, rollout, inputs(), self.accelerator, temperature, self.head_math)
         return FrozenPass(old, entropy, ref, rollout.logprobs)
 
     @contextlib.contextmanager
@@ -289,24 +289,32 @@ class Trainer:
             yield self.model
 
     def optimize(
-        self, rollout: Rollout, advantages: torch.Tensor, frozen: FrozenPass, stale: bool = False
+        self,
+        rollout: Rollout,
+        advantages: torch.Tensor,
+        frozen: FrozenPass,
+        inputs: Callable[[], list[LogprobInputs]],
+        stale: bool = False,
     ) -> dict[str, Any]:
         """``num_iterations`` optimizer steps over the batch, each accumulating gradients over micro-batches.
 
-        ``frozen`` is ``_frozen_pass(rollout, stale)``. The passes run over the rows ``Objective.has_gradient`` keeps
-        (``update_rows``), whose model inputs are laid out once, on the device before the loop, so that it never
-        waits on the host; the token weights are the whole batch's. Per-token stats are ``TokenMean``s over every
+        ``frozen`` is ``_frozen_pass(rollout, inputs, stale)``. The passes run over the rows ``Objective.has_gradient``
+        keeps (``update_rows``), whose model inputs (``inputs()`` when they are all the batch's) are on the device
+        before the loop, so that it never waits on the host; the token weights are the whole batch's. Per-token stats are ``TokenMean``s over every
         iteration's tokens; the first iteration's forward passes are at the sampling weights (``Objective.loss``'s
         ``fresh``) unless the batch is ``stale`` (``train.async_rollouts``).
         """
         objective, device, tr = self.objective, self.accelerator.device, self.config.train
         aggregate = partial(aggregate_over_processes, objective.aggregate, self.accelerator)
         weights = objective.weigh(rollout.loss_mask, rollout.truncated, frozen.entropy, aggregate)
-        rows = update_rows(objective.has_gradient(advantages), tr.micro_batch_size, self.accelerator, tr.cuda_graphs)
-        frozen_rows = objective.loss_inputs(frozen, stale).select(rows)
-        step = UpdateBatch(advantages[rows].to(device), frozen_rows.to(device), weights.select(rows).to(device))
-        inputs = self._model_inputs(self._rows(rollout, rows.tolist())) if len(rows) else []
-        slices = micro_batches(len(rows), tr.micro_batch_size)
+        kept = update_rows(objective.has_gradient(advantages), tr.micro_batch_size, self.accelerator, tr.cuda_graphs)
+        frozen_kept = objective.loss_inputs(frozen, stale).select(kept)
+        step = UpdateBatch(advantages[kept].to(device), frozen_kept.to(device), weights.select(kept).to(device))
+        if len(kept) == len(advantages):
+            laid_out = inputs()
+        else:
+            laid_out = self._model_inputs(concat_rollouts([(rollout, kept.tolist())], self.tokenizer.pad_token_id)) if len(kept) else []
+        slices = micro_batches(len(kept), tr.micro_batch_size)
         sums, losses, grad_norms = TokenSums(), [], []
         self.model.train()
         if tr.cuda_graphs or not slices:  # no pass at all: zero gradients, so that the optimizer steps as on any batch
@@ -315,7 +323,7 @@ class Trainer:
             with packed_products(self.model, enabled=not self.config.train.compile):
                 pass_losses = [
                     self._micro_step(batch, rows, i == len(slices) - 1, step, sums, fresh=iteration == 0 and not stale)
-                    for i, (rows, batch) in enumerate(zip(slices, inputs, strict=True))
+                    for i, (rows, batch) in enumerate(zip(slices, laid_out, strict=True))
                 ]
             losses += pass_losses
             grad_norms += self._update(pass_losses)
@@ -324,7 +332,7 @@ class Trainer:
             out["grad_norm"] = float(np.mean(grad_norms))
         out["skipped_updates"] = float(objective.num_iterations - len(grad_norms))
         out["loss"] = float(torch.stack(losses).sum()) / objective.num_iterations if losses else 0.0
-        out["update_fraction"] = TokenMean(float(len(rows)), float(len(advantages)))
+        out["update_fraction"] = TokenMean(float(len(kept)), float(len(advantages)))
         out |= objective.batch_metrics(weights, rollout.loss_mask, rollout.truncated)
         if objective.refreshes_reference(self.step + 1):  # self.step + 1: the step ending now
             self._refresh_reference()
@@ -377,9 +385,6 @@ class Trainer:
 
     def _model_inputs(self, rollout: Rollout) -> list[LogprobInputs]:
         return model_inputs(rollout, self.config, self.tokenizer.pad_token_id, self.accelerator.device)
-
-    def _rows(self, rollout: Rollout, rows: list[int]) -> Rollout:
-        return rollout if len(rows) == len(rollout.texts) else concat_rollouts([(rollout, rows)], self.tokenizer.pad_token_id)
 
     # ---------------------------------------------------------------- evaluation
 
