@@ -6,8 +6,9 @@
 Both sides get the same random-init model (or the default model), the same prompts (two-number sums in the R1 chat
 format), the same reward (benchmarks.workload.digit_share), P prompts x G completions per optimizer step, one pass
 over the batch (num_iterations 1), no KL (beta 0), the same micro-batch size, the same precision and no gradient
-checkpointing. Every completion runs through the update on both sides (rlreason's train.skip_zero_advantage off). Every completion is forced to exactly --max-new-tokens tokens (end-of-sequence suppressed:
-``min_new_tokens`` on both sides), so completion tokens per second compare like for like.
+checkpointing. Every completion runs through the update on both sides (rlreason's train.skip_zero_advantage off),
+and is forced to exactly --max-new-tokens tokens (end-of-sequence suppressed: ``min_new_tokens`` on both sides),
+so completion tokens per second compare like for like.
 
 A step is timed whole: on the rlreason side ``Trainer.train_step`` (sample, score, advantages, optimize, logging);
 on the TRL side one optimizer step of ``GRPOTrainer.train`` (generation, scoring, forward/backward of every

@@ -215,8 +215,9 @@ class TrainConfig:
     for the same cores. Needs rollout.engine "fast"; one process; not with train.rollout_correction or
     train.top_entropy_quantile < 1."""
     skip_zero_advantage: bool = True
-    """Leave completions whose advantage is exactly 0 (every completion of a group whose rewards are all equal) out of the update's forward and backward passes. Their loss is the advantage times the surrogate, so
-    their gradient is exactly 0 and the update is the same; the token weights still count the whole batch. Ignored
+    """Leave completions whose advantage is exactly 0 (every completion of a group whose rewards are all equal) out
+    of the update's forward and backward passes. Their loss is the advantage times the surrogate, so their gradient
+    is exactly 0 and the update is the same; the token weights still count the whole batch. Ignored
     where the loss gives them a gradient: a KL term in the loss (beta > 0 without kl_in_reward) or an entropy
     bonus. The update's per-token metrics (ratio, entropy, clip fractions, rollout/*) then cover the completions
     it ran; ``update_fraction`` logs their share of the batch."""

@@ -168,13 +168,16 @@ class Objective:
     def kl_in_loss(self) -> bool:
         return self.beta > 0 and not self.kl_in_reward
 
+    @property
+    def leaves_out_zero_advantage(self) -> bool:
+        """The update leaves out completions of advantage 0 (``train.skip_zero_advantage``). Without a KL term in the
+        loss or an entropy bonus, a completion's loss is its advantage times the (clipped, corrected, masked) ratio,
+        so one of advantage 0 has no gradient."""
+        return self.skip_zero_advantage and not self.kl_in_loss and not self.entropy_grad
+
     def has_gradient(self, advantages: torch.Tensor) -> torch.Tensor:
-        """The completions [N] whose loss can have a gradient. Without a KL term in the loss or an entropy bonus, a
-        completion's loss is its advantage times the (clipped, corrected, masked) ratio, so one of advantage 0 has
-        none, and the update can leave it out (``train.skip_zero_advantage``)."""
-        if not self.skip_zero_advantage or self.kl_in_loss or self.entropy_grad:
-            return torch.ones_like(advantages, dtype=torch.bool)
-        return advantages != 0
+        """The completions [N] whose loss can have a gradient."""
+        return advantages != 0 if self.leaves_out_zero_advantage else torch.ones_like(advantages, dtype=torch.bool)
 
     def refreshes_reference(self, step: int) -> bool:
         """The reference becomes the policy at the end of ``step`` (``ref_update_every``)."""

@@ -298,22 +298,27 @@ class Trainer:
     ) -> dict[str, Any]:
         """``num_iterations`` optimizer steps over the batch, each accumulating gradients over micro-batches.
 
-        ``frozen`` is ``_frozen_pass(rollout, inputs, stale)``. The passes run over the rows ``Objective.has_gradient``
-        keeps (``update_rows``), whose model inputs (``inputs()`` when they are all the batch's) are on the device
-        before the loop, so that it never waits on the host; the token weights are the whole batch's. Per-token stats are ``TokenMean``s over every
-        iteration's tokens; the first iteration's forward passes are at the sampling weights (``Objective.loss``'s
-        ``fresh``) unless the batch is ``stale`` (``train.async_rollouts``).
+        ``frozen`` is ``_frozen_pass(rollout, inputs, stale)``. The passes run over the rows with a gradient
+        (``Objective.has_gradient``, ``update_rows``), whose model inputs (``inputs()`` when they are the whole batch)
+        are on the device before the loop, so that it never waits on the host; the token weights are the whole
+        batch's. Per-token stats are ``TokenMean``s over every iteration's tokens; the first iteration's forward
+        passes are at the sampling weights (``Objective.loss``'s ``fresh``) unless the batch is ``stale``
+        (``train.async_rollouts``).
         """
         objective, device, tr = self.objective, self.accelerator.device, self.config.train
         aggregate = partial(aggregate_over_processes, objective.aggregate, self.accelerator)
         weights = objective.weigh(rollout.loss_mask, rollout.truncated, frozen.entropy, aggregate)
-        kept = update_rows(objective.has_gradient(advantages), tr.micro_batch_size, self.accelerator, tr.cuda_graphs)
+        kept = torch.arange(len(advantages))
+        if objective.leaves_out_zero_advantage:  # else every row runs: no count for the processes to agree on
+            kept = update_rows(objective.has_gradient(advantages), tr.micro_batch_size, self.accelerator, tr.cuda_graphs)
         frozen_kept = objective.loss_inputs(frozen, stale).select(kept)
         step = UpdateBatch(advantages[kept].to(device), frozen_kept.to(device), weights.select(kept).to(device))
         if len(kept) == len(advantages):
             laid_out = inputs()
+        elif len(kept):
+            laid_out = self._model_inputs(concat_rollouts([(rollout, kept.tolist())], self.tokenizer.pad_token_id))
         else:
-            laid_out = self._model_inputs(concat_rollouts([(rollout, kept.tolist())], self.tokenizer.pad_token_id)) if len(kept) else []
+            laid_out = []
         slices = micro_batches(len(kept), tr.micro_batch_size)
         sums, losses, grad_norms = TokenSums(), [], []
         self.model.train()
