@@ -1,6 +1,6 @@
-"""On a GPU: the decode step's parts at the 360M benchmark shape (16 prompts x 8 completions), timed one by one.
+"""On a GPU: the decode step's parts at a benchmark shape (16 prompts x 8 completions), timed one by one.
 
-    python benchmarks/decode_kernels.py [--sweep]
+    python benchmarks/decode_kernels.py [--sweep] [--model 360m|1.7b]
 
 Times, with CUDA events over many repeats: the Triton decode attention (with --sweep: for each tile and launch
 shape; at an early, a middle and a late step), the four projections of a layer through cuBLAS (the output ones also as the in-place
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.workload import SHAPES  # noqa: E402
 from rlreason.rollout import sampling  # noqa: E402
 from rlreason.rollout import triton_decode as K  # noqa: E402
 
@@ -49,7 +50,12 @@ def time_us(fn, reps: int = 50, replays: int = 10) -> float:
 def main() -> None:
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
-    P, G, H, Hkv, D, Wp, Wc, hidden, inter, vocab, layers = 16, 8, 15, 5, 64, 64, 256, 960, 2560, 49152, 32
+    model = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else "360m"
+    shape = SHAPES[model]
+    H, Hkv, hidden, inter, layers = (shape[k] for k in ("num_attention_heads", "num_key_value_heads", "hidden_size",
+                                                          "intermediate_size", "num_hidden_layers"))
+    P, G, D, Wp, Wc, vocab = 16, 8, hidden // H, 64, 256, 49152
+    print(f"{model}: {layers} layers, hidden {hidden}, {H} heads ({Hkv} kv), MLP {inter}")
     R = P * G
     # every layer its own weights and caches, run in turn as in the step: a layer's bytes come from memory, not from
     # the cache the previous call of the same kernel left warm (one layer's keys and values fit in the 50 MB L2)
