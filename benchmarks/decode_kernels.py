@@ -51,6 +51,8 @@ def main() -> None:
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
     model = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else "360m"
+    if model not in SHAPES:
+        sys.exit(f"--model: {model!r} is not one of {', '.join(SHAPES)}")
     shape = SHAPES[model]
     H, Hkv, hidden, inter, layers = (shape[k] for k in ("num_attention_heads", "num_key_value_heads", "hidden_size",
                                                           "intermediate_size", "num_hidden_layers"))
