@@ -143,7 +143,7 @@ def test_an_update_with_nothing_to_train_still_steps_the_optimizer(tiny_llama, t
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("train", "layouts"), [({"beta": 0.1}, 1), ({"num_iterations": 2}, 2)])
+@pytest.mark.parametrize(("train", "layouts"), [({"beta": 0.1}, [8]), ({"num_iterations": 2}, [8, 4])])
 def test_a_step_lays_out_its_batch_once_for_the_frozen_passes_and_an_update_of_all_of_it(tiny_llama, tmp_path, train, layouts):
     """With a KL term every completion trains: the update reuses the layout the reference's pass made. With a flat
     group the update lays out its own rows."""
@@ -156,4 +156,4 @@ def test_a_step_lays_out_its_batch_once_for_the_frozen_passes_and_an_update_of_a
         batch, scores=dataclasses.replace(batch.scores, total=np.concatenate([np.full(4, 0.5), batch.scores.total[4:]]))
     )  # the first group flat
     trainer.train_step()
-    assert laid_out == ([8] if layouts == 1 else [8, 4])
+    assert laid_out == layouts  # the rows of each layout made
